@@ -1,0 +1,295 @@
+//! One channel in memory: its seq counter, visible head, recent-message cache
+//! and `msg_id` dedup table.
+//!
+//! Only the channel writer (see `writer.rs`) assigns seqs and moves the head;
+//! readers watch the head and read the cache, or the store when behind.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::config::NamespacePolicy;
+use crate::protocol::{ChannelName, Headers};
+use crate::storage::{HeadRecord, MessageRecord, Store, StoreError};
+
+/// A message as readers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub seq: u64,
+    /// Publish time, ms since the Unix epoch.
+    pub ts: u64,
+    pub headers: Option<Headers>,
+    pub data: Bytes,
+}
+
+impl Message {
+    /// Bytes this message counts against size limits.
+    pub fn size(&self) -> usize {
+        self.data.len()
+            + self
+                .headers
+                .iter()
+                .flatten()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+
+    pub(crate) fn from_record(seq: u64, record: MessageRecord) -> Self {
+        Self {
+            seq,
+            ts: record.ts,
+            headers: record.headers,
+            data: Bytes::from(record.data),
+        }
+    }
+}
+
+/// `msg_id`s seen recently, oldest first, bounded by age and count.
+#[derive(Debug, Default)]
+pub(crate) struct Dedup {
+    window_ms: u64,
+    max: usize,
+    seqs: HashMap<String, u64>,
+    order: VecDeque<(u64, String)>,
+    /// Entries forgotten early because the table was full.
+    pub evicted: u64,
+}
+
+impl Dedup {
+    pub(crate) fn new(window_ms: u64, max: usize) -> Self {
+        Self {
+            window_ms,
+            max,
+            ..Self::default()
+        }
+    }
+
+    fn expire(&mut self, now_ms: u64) {
+        while let Some((ts, _)) = self.order.front() {
+            if ts.saturating_add(self.window_ms) >= now_ms {
+                break;
+            }
+            if let Some((_, id)) = self.order.pop_front() {
+                self.seqs.remove(&id);
+            }
+        }
+    }
+
+    /// The seq a `msg_id` was stored under, if it is still remembered.
+    pub(crate) fn get(&mut self, id: &str, now_ms: u64) -> Option<u64> {
+        self.expire(now_ms);
+        self.seqs.get(id).copied()
+    }
+
+    pub(crate) fn insert(&mut self, id: String, seq: u64, ts: u64) {
+        if self.max == 0 {
+            return;
+        }
+        while self.seqs.len() >= self.max {
+            match self.order.pop_front() {
+                Some((_, old)) => {
+                    self.seqs.remove(&old);
+                    self.evicted += 1;
+                }
+                None => break,
+            }
+        }
+        self.seqs.insert(id.clone(), seq);
+        self.order.push_back((ts, id));
+    }
+}
+
+/// The mutable part of a channel, behind one short-held lock.
+#[derive(Debug)]
+pub(crate) struct ChannelState {
+    pub epoch: String,
+    /// Last seq the writer handed out (may be ahead of the visible head while a flush runs).
+    pub assigned: u64,
+    /// Oldest stored seq; `head + 1` when nothing is stored.
+    pub first_seq: u64,
+    /// Bytes stored (approximate after a crash).
+    pub bytes: u64,
+    pub head_record: HeadRecord,
+    /// Recent visible messages, contiguous, ending at the head.
+    pub cache: VecDeque<Arc<Message>>,
+    pub cache_bytes: usize,
+    pub dedup: Dedup,
+    /// Messages published since start, for rates.
+    pub published: u64,
+}
+
+/// Cache bounds of a channel.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CacheLimits {
+    pub msgs: usize,
+    pub bytes: usize,
+}
+
+/// A channel and its in-memory state.
+#[derive(Debug)]
+pub struct Channel {
+    name: ChannelName,
+    /// Store id; 0 for ephemeral channels, which are never stored.
+    id: u64,
+    policy: NamespacePolicy,
+    cache_limits: CacheLimits,
+    state: Mutex<ChannelState>,
+    /// The last visible seq: durable under the fsync policy.
+    head: watch::Sender<u64>,
+}
+
+impl Channel {
+    pub(crate) fn new(
+        name: ChannelName,
+        id: u64,
+        policy: NamespacePolicy,
+        cache_limits: CacheLimits,
+        state: ChannelState,
+    ) -> Self {
+        let (head, _) = watch::channel(state.assigned);
+        Self {
+            name,
+            id,
+            policy,
+            cache_limits,
+            state: Mutex::new(state),
+            head,
+        }
+    }
+
+    /// The channel's name.
+    pub fn name(&self) -> &ChannelName {
+        &self.name
+    }
+
+    /// The store id (0 for ephemeral channels).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The namespace policy this channel runs under.
+    pub fn policy(&self) -> &NamespacePolicy {
+        &self.policy
+    }
+
+    /// Persisted and acked, or memory only.
+    pub fn is_durable(&self) -> bool {
+        self.policy.durable
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, ChannelState> {
+        // A panic while holding this lock leaves the state consistent enough
+        // to keep serving (every update is a few field writes).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The last visible seq (0 before the first publish).
+    pub fn head(&self) -> u64 {
+        *self.head.borrow()
+    }
+
+    /// A receiver that wakes when the head moves.
+    pub fn watch_head(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    /// `(epoch, first_seq, last_seq)` as a `subscribed` reply tells them.
+    pub fn position(&self) -> (String, u64, u64) {
+        let head = self.head();
+        let state = self.lock();
+        let first = if self.is_durable() {
+            state.first_seq
+        } else {
+            state.cache.front().map_or(head + 1, |m| m.seq)
+        };
+        (state.epoch.clone(), first.min(head + 1), head)
+    }
+
+    /// Oldest seq still readable.
+    pub fn first_seq(&self) -> u64 {
+        self.position().1
+    }
+
+    /// Makes a message visible: it is durable (or, for ephemeral channels and
+    /// `fsync = "interval"`, accepted). Called by the writer in seq order.
+    pub(crate) fn commit(&self, message: Arc<Message>) {
+        let mut state = self.lock();
+        self.commit_locked(&mut state, message);
+    }
+
+    /// [`Channel::commit`] for a caller that already holds the state lock.
+    pub(crate) fn commit_locked(&self, state: &mut ChannelState, message: Arc<Message>) {
+        let seq = message.seq;
+        {
+            state.cache_bytes += message.size();
+            state.cache.push_back(message);
+            while state.cache.len() > self.cache_limits.msgs
+                || (state.cache_bytes > self.cache_limits.bytes && state.cache.len() > 1)
+            {
+                if let Some(old) = state.cache.pop_front() {
+                    state.cache_bytes -= old.size();
+                }
+            }
+            state.published += 1;
+        }
+        self.head.send_replace(seq);
+    }
+
+    /// The messages with these seqs that are still stored, in seq order:
+    /// from the cache, else from the store.
+    pub(crate) async fn fetch(
+        self: &Arc<Self>,
+        store: &Arc<Store>,
+        seqs: &[u64],
+    ) -> Result<Vec<Arc<Message>>, StoreError> {
+        let mut found: Vec<Arc<Message>> = Vec::with_capacity(seqs.len());
+        let mut missing = Vec::new();
+        {
+            let state = self.lock();
+            let cache_first = state.cache.front().map(|m| m.seq);
+            for &seq in seqs {
+                let cached = cache_first
+                    .and_then(|first| seq.checked_sub(first))
+                    .and_then(|offset| usize::try_from(offset).ok())
+                    .and_then(|offset| state.cache.get(offset))
+                    .filter(|m| m.seq == seq);
+                match cached {
+                    Some(m) => found.push(Arc::clone(m)),
+                    None => missing.push(seq),
+                }
+            }
+        }
+        if !missing.is_empty() && self.is_durable() {
+            let (from, to) = (missing[0], missing[missing.len() - 1]);
+            let limit = usize::try_from(to - from + 1).unwrap_or(usize::MAX);
+            let (store, id) = (Arc::clone(store), self.id);
+            let records =
+                tokio::task::spawn_blocking(move || store.read_range(id, from, to, limit))
+                    .await
+                    .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+            let wanted: std::collections::HashSet<u64> = missing.into_iter().collect();
+            found.extend(
+                records
+                    .into_iter()
+                    .filter(|(seq, _)| wanted.contains(seq))
+                    .map(|(seq, record)| Arc::new(Message::from_record(seq, record))),
+            );
+            found.sort_by_key(|m| m.seq);
+        }
+        Ok(found)
+    }
+
+    /// Drops cached messages below `first_seq` after retention trimmed them.
+    pub(crate) fn trimmed(&self, first_seq: u64, bytes_removed: u64) {
+        let mut state = self.lock();
+        state.first_seq = state.first_seq.max(first_seq);
+        state.bytes = state.bytes.saturating_sub(bytes_removed);
+        while state.cache.front().is_some_and(|m| m.seq < first_seq) {
+            if let Some(old) = state.cache.pop_front() {
+                state.cache_bytes -= old.size();
+            }
+        }
+    }
+}

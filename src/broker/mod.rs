@@ -1,0 +1,611 @@
+//! The broker core: the channel registry, publish (seq → persist → puback →
+//! fan out), subscribe with resume, consumers and retention.
+//!
+//! Knows nothing of sockets or frame encodings: sessions call it with
+//! validated names and bytes, and read deliveries from channels by cursor.
+
+mod channel;
+mod writer;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
+
+use channel::{CacheLimits, ChannelState, Dedup};
+pub use channel::{Channel, Message};
+use writer::{AppendRequest, WriterRequest};
+
+use crate::config::Config;
+use crate::delivery::{Consumer, ConsumerMode, ConsumerState, SubscriptionId};
+use crate::protocol::{AckMode, ChannelName, ErrorCode, Headers, StartFrom};
+use crate::storage::{ChannelRecord, HeadRecord, Store, StoreError};
+
+/// Why a broker operation failed, with the wire error code it maps to.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl BrokerError {
+    /// The `error` frame code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::BadRequest(_) => ErrorCode::BadRequest,
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::Conflict(_) => ErrorCode::Conflict,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::Internal(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<StoreError> for BrokerError {
+    fn from(e: StoreError) -> Self {
+        Self::Unavailable(e.to_string())
+    }
+}
+
+/// The result of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishOutcome {
+    pub seq: u64,
+    /// The `msg_id` was seen within the dedup window: nothing new was stored.
+    pub duplicate: bool,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn new_epoch() -> String {
+    let bytes: [u8; 8] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What a subscription asks for.
+#[derive(Debug, Clone)]
+pub struct SubscribeRequest {
+    pub channel: ChannelName,
+    pub consumer: Option<String>,
+    pub group: Option<String>,
+    /// The authenticated user, which names the consumer when nothing else does.
+    pub user: Option<String>,
+    pub since: Option<u64>,
+    pub from: Option<StartFrom>,
+    pub max_in_flight: Option<u32>,
+    pub ack: AckMode,
+}
+
+/// A live subscription: one connection attached to one consumer.
+#[derive(Debug)]
+pub struct Subscription {
+    pub id: SubscriptionId,
+    pub channel: Arc<Channel>,
+    pub consumer: Arc<Consumer>,
+    /// Auto for `ack: "auto"` and for every ephemeral channel.
+    pub ack: AckMode,
+    pub epoch: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub recovered: bool,
+}
+
+/// The broker: channels, consumers, the writer, the store.
+pub struct Broker {
+    config: Arc<Config>,
+    store: Arc<Store>,
+    /// Every channel seen since start (durable ones are loaded at start-up).
+    channels: Mutex<HashMap<String, Arc<Channel>>>,
+    /// Consumers with live subscriptions, or with state not yet saved.
+    consumers: Mutex<HashMap<(String, String), Arc<Consumer>>>,
+    /// Requests to the channel writer; bounded so publishers wait under load.
+    writer: mpsc::Sender<WriterRequest>,
+    /// The writer and flusher threads, joined at shutdown.
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    next_channel_id: AtomicU64,
+    next_id: AtomicU64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Broker {
+    /// Opens the store in the configured data dir and starts the writer.
+    /// Blocking: call it off the runtime.
+    pub fn open(config: Arc<Config>) -> Result<Arc<Self>, BrokerError> {
+        let server = &config.server;
+        let store = Arc::new(Store::open(&server.data_dir, server.store_cache)?);
+        let (writer_tx, writer_rx) = mpsc::channel(writer::QUEUE_CAPACITY);
+        let threads = writer::start(
+            Arc::clone(&store),
+            server.fsync,
+            server.fsync_interval,
+            writer_rx,
+        )
+        .map_err(|e| BrokerError::Internal(format!("cannot start the writer: {e}")))?;
+        let broker = Self {
+            next_channel_id: AtomicU64::new(store.max_channel_id()? + 1),
+            config: Arc::clone(&config),
+            store,
+            channels: Mutex::new(HashMap::new()),
+            consumers: Mutex::new(HashMap::new()),
+            writer: writer_tx,
+            threads: Mutex::new(threads),
+            next_id: AtomicU64::new(1),
+        };
+        broker.load_channels()?;
+        Ok(Arc::new(broker))
+    }
+
+    fn load_channels(&self) -> Result<(), BrokerError> {
+        let window_ms =
+            u64::try_from(self.config.server.dedup_window.as_millis()).unwrap_or(u64::MAX);
+        let since = now_ms().saturating_sub(window_ms);
+        let mut channels = lock(&self.channels);
+        for loaded in self.store.load_channels()? {
+            let Ok(name) = ChannelName::new(&loaded.name) else {
+                tracing::warn!(channel = %loaded.name, "skipping stored channel with an invalid name");
+                continue;
+            };
+            let mut policy = self.config.policy(name.namespace()).clone();
+            if !policy.durable {
+                tracing::warn!(channel = %name, "namespace is ephemeral now, but the channel has stored messages; serving them as durable");
+                policy.durable = true;
+            }
+            let mut dedup = Dedup::new(window_ms, self.config.server.dedup_max);
+            let mut recent =
+                self.store
+                    .recent_msg_ids(loaded.record.id, since, self.config.server.dedup_max)?;
+            recent.reverse();
+            for (id, seq, ts) in recent {
+                dedup.insert(id, seq, ts);
+            }
+            let state = ChannelState {
+                epoch: loaded.record.epoch.clone(),
+                assigned: loaded.last_seq,
+                first_seq: loaded.first_seq,
+                bytes: loaded.bytes,
+                head_record: HeadRecord {
+                    last_seq: loaded.last_seq,
+                    appended_bytes: loaded.bytes,
+                },
+                cache: Default::default(),
+                cache_bytes: 0,
+                dedup,
+                published: 0,
+            };
+            let limits = self.cache_limits(&policy);
+            let channel = Channel::new(name, loaded.record.id, policy, limits, state);
+            channels.insert(loaded.name, Arc::new(channel));
+        }
+        Ok(())
+    }
+
+    fn cache_limits(&self, policy: &crate::config::NamespacePolicy) -> CacheLimits {
+        let server = &self.config.server;
+        CacheLimits {
+            msgs: server
+                .cache_msgs
+                .min(usize::try_from(policy.max_msgs).unwrap_or(usize::MAX))
+                .max(1),
+            bytes: usize::try_from(server.cache_bytes.min(policy.max_bytes)).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// The configuration the broker runs with.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// The store (for readers of the log).
+    pub(crate) fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// A fresh id for a connection or subscription.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The channel named `name`, created on first use.
+    pub fn channel(&self, name: &ChannelName) -> Result<Arc<Channel>, BrokerError> {
+        let mut channels = lock(&self.channels);
+        if let Some(channel) = channels.get(name.as_str()) {
+            return Ok(Arc::clone(channel));
+        }
+        let policy = self.config.policy(name.namespace()).clone();
+        let epoch = new_epoch();
+        let id = if policy.durable {
+            let id = self.next_channel_id.fetch_add(1, Ordering::Relaxed);
+            let record = ChannelRecord {
+                id,
+                epoch: epoch.clone(),
+                created_ms: now_ms(),
+            };
+            // A small insert into sled's memory; it becomes durable with the
+            // flush of the channel's first message.
+            self.store.put_channel(name.as_str(), &record)?;
+            id
+        } else {
+            0
+        };
+        let window_ms =
+            u64::try_from(self.config.server.dedup_window.as_millis()).unwrap_or(u64::MAX);
+        let state = ChannelState {
+            epoch,
+            assigned: 0,
+            first_seq: 1,
+            bytes: 0,
+            head_record: HeadRecord::default(),
+            cache: Default::default(),
+            cache_bytes: 0,
+            dedup: Dedup::new(window_ms, self.config.server.dedup_max),
+            published: 0,
+        };
+        let limits = self.cache_limits(&policy);
+        let channel = Arc::new(Channel::new(name.clone(), id, policy, limits, state));
+        channels.insert(name.as_str().to_owned(), Arc::clone(&channel));
+        Ok(channel)
+    }
+
+    /// Every channel known to this broker, by name.
+    pub fn channels(&self) -> Vec<Arc<Channel>> {
+        let mut all: Vec<_> = lock(&self.channels).values().cloned().collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        all
+    }
+
+    /// Hands a publish to the channel writer. Resolves (the returned
+    /// receiver) once the message is durable under the fsync policy; waits
+    /// here only while the writer's queue is full. Publishes from one caller
+    /// are stored in the order this is called.
+    pub async fn publish(
+        &self,
+        channel: Arc<Channel>,
+        data: Bytes,
+        headers: Option<Headers>,
+        msg_id: Option<String>,
+    ) -> Result<oneshot::Receiver<Result<PublishOutcome, BrokerError>>, BrokerError> {
+        let (reply, rx) = oneshot::channel();
+        let request = AppendRequest {
+            channel,
+            data,
+            headers,
+            msg_id,
+            reply,
+            received: Instant::now(),
+        };
+        if request.channel.is_durable() {
+            self.writer
+                .send(WriterRequest::Append(request))
+                .await
+                .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))?;
+        } else {
+            writer::publish_ephemeral(request);
+        }
+        Ok(rx)
+    }
+
+    /// Publishes and waits for the puback.
+    pub async fn publish_wait(
+        &self,
+        channel: Arc<Channel>,
+        data: Bytes,
+        headers: Option<Headers>,
+        msg_id: Option<String>,
+    ) -> Result<PublishOutcome, BrokerError> {
+        self.publish(channel, data, headers, msg_id)
+            .await?
+            .await
+            .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))?
+    }
+
+    /// Attaches a new subscription to its consumer and positions it.
+    pub async fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription, BrokerError> {
+        let channel = self.channel(&request.channel)?;
+        let id = self.next_id();
+        let durable = channel.is_durable();
+        let (key, mode, persistent) = consumer_key(&request, id, durable)?;
+        let policy_window = channel.policy().max_in_flight;
+        let max_in_flight = match request.max_in_flight {
+            Some(0) => {
+                return Err(BrokerError::BadRequest(
+                    "max_in_flight must be at least 1".into(),
+                ));
+            }
+            Some(n) => n.min(policy_window),
+            None => policy_window,
+        };
+        let registry_key = (request.channel.as_str().to_owned(), key.clone());
+        let existing = lock(&self.consumers).get(&registry_key).cloned();
+        let (consumer, fresh) = match existing {
+            Some(consumer) => (consumer, false),
+            None => {
+                let stored = if persistent {
+                    let (store, channel_id, name) =
+                        (Arc::clone(&self.store), channel.id(), key.clone());
+                    tokio::task::spawn_blocking(move || store.load_consumer(channel_id, &name))
+                        .await
+                        .map_err(|e| BrokerError::Internal(e.to_string()))??
+                } else {
+                    None
+                };
+                let fresh = stored.is_none();
+                let state = match &stored {
+                    Some(record) => ConsumerState::from_record(mode, record),
+                    None => ConsumerState::new(mode, 0),
+                };
+                let candidate = Arc::new(Consumer::new(
+                    key.clone(),
+                    Arc::clone(&channel),
+                    persistent,
+                    state,
+                ));
+                let mut consumers = lock(&self.consumers);
+                let consumer = Arc::clone(consumers.entry(registry_key).or_insert(candidate));
+                (consumer, fresh)
+            }
+        };
+        if consumer.lock().mode() != mode {
+            return Err(BrokerError::Conflict(format!(
+                "consumer {key:?} is in use in another mode"
+            )));
+        }
+        let (epoch, first_seq, last_seq) = channel.position();
+        let recovered = {
+            let mut state = consumer.lock();
+            let reposition = fresh || request.since.is_some() || request.from.is_some();
+            let recovered = if reposition {
+                let (floor, recovered) = match (request.since, request.from) {
+                    (Some(since), _) if since > last_seq => (last_seq, false),
+                    (Some(since), _) => (since, since + 1 >= first_seq),
+                    (None, Some(StartFrom::First)) => (first_seq - 1, true),
+                    (None, Some(StartFrom::New) | None) => (last_seq, true),
+                };
+                if state.subscriptions() == 0 || request.since.is_some() || request.from.is_some() {
+                    state.reset(floor);
+                }
+                recovered
+            } else if state.floor() > last_seq {
+                state.reset(last_seq);
+                false
+            } else {
+                state.floor() + 1 >= first_seq
+            };
+            state.attach(id, max_in_flight);
+            recovered
+        };
+        let ack = if durable { request.ack } else { AckMode::Auto };
+        Ok(Subscription {
+            id,
+            channel,
+            consumer,
+            ack,
+            epoch,
+            first_seq,
+            last_seq,
+            recovered,
+        })
+    }
+
+    /// Detaches a subscription; what it had in flight goes back to its consumer.
+    pub async fn unsubscribe(&self, subscription: &Subscription) {
+        let consumer = &subscription.consumer;
+        let (idle, record) = {
+            let mut state = consumer.lock();
+            state.detach(subscription.id);
+            let idle = state.subscriptions() == 0;
+            let record = (idle && consumer.is_persistent()).then(|| state.record());
+            (idle, record)
+        };
+        consumer.wake();
+        if !idle {
+            return;
+        }
+        if let Some(record) = record {
+            let (store, channel_id, name) = (
+                Arc::clone(&self.store),
+                subscription.channel.id(),
+                consumer.key().to_owned(),
+            );
+            let saved = tokio::task::spawn_blocking(move || {
+                store.save_consumer(channel_id, &name, &record)
+            })
+            .await;
+            if !matches!(saved, Ok(Ok(()))) {
+                tracing::error!(
+                    consumer = consumer.key(),
+                    "saving consumer state failed; it stays in memory"
+                );
+                return;
+            }
+        }
+        let registry_key = (
+            subscription.channel.name().as_str().to_owned(),
+            consumer.key().to_owned(),
+        );
+        let mut consumers = lock(&self.consumers);
+        if consumers.get(&registry_key).is_some_and(|c| {
+            Arc::ptr_eq(c, consumer) && c.lock().subscriptions() == 0 && !c.lock().is_dirty()
+        }) {
+            consumers.remove(&registry_key);
+        }
+    }
+
+    /// Saves every changed durable consumer, then asks the writer for a flush.
+    /// Acks become durable this way within one persist period.
+    pub async fn persist_consumers(&self) -> Result<(), BrokerError> {
+        let consumers: Vec<Arc<Consumer>> = lock(&self.consumers).values().cloned().collect();
+        let dirty: Vec<(u64, String, crate::storage::ConsumerRecord)> = consumers
+            .iter()
+            .filter(|c| c.is_persistent())
+            .filter_map(|c| {
+                let mut state = c.lock();
+                state
+                    .is_dirty()
+                    .then(|| (c.channel().id(), c.key().to_owned(), state.record()))
+            })
+            .collect();
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || {
+            for (channel, name, record) in &dirty {
+                store.save_consumer(*channel, name, record)?;
+            }
+            Ok::<_, StoreError>(())
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(e.to_string()))??;
+        let _ = self.writer.send(WriterRequest::Flush(None)).await;
+        Ok(())
+    }
+
+    /// Waits until everything written so far is durable.
+    pub async fn flush(&self) -> Result<(), BrokerError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(WriterRequest::Flush(Some(tx)))
+            .await
+            .map_err(|_| BrokerError::Unavailable("the writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| BrokerError::Unavailable("the writer has stopped".into()))
+    }
+
+    /// Removes what retention (`max_msgs`, `max_bytes`, `max_age`) no longer keeps.
+    pub async fn enforce_retention(&self) -> Result<(), BrokerError> {
+        let now = now_ms();
+        for channel in self.channels().into_iter().filter(|c| c.is_durable()) {
+            let policy = channel.policy().clone();
+            let head = channel.head();
+            let (first, bytes) = {
+                let state = channel.lock();
+                (state.first_seq, state.bytes)
+            };
+            if first > head {
+                continue;
+            }
+            let max_age_ms = u64::try_from(policy.max_age.as_millis()).unwrap_or(u64::MAX);
+            let cutoff = now.saturating_sub(max_age_ms);
+            let mut count = head - first + 1;
+            let mut size = bytes;
+            let over = count > policy.max_msgs || size > policy.max_bytes;
+            let oldest_expired = {
+                let cached = channel.lock().cache.front().map(|m| (m.seq, m.ts));
+                // When the oldest message is cached its age is known without I/O.
+                !matches!(cached, Some((seq, ts)) if seq == first && ts >= cutoff)
+            };
+            if !over && !oldest_expired {
+                continue;
+            }
+            let store = Arc::clone(&self.store);
+            let id = channel.id();
+            let (new_first, removed) = tokio::task::spawn_blocking(move || {
+                store.trim(id, head, |_, record| {
+                    let drop =
+                        count > policy.max_msgs || size > policy.max_bytes || record.ts < cutoff;
+                    if drop {
+                        count -= 1;
+                        size = size.saturating_sub(record.size());
+                    }
+                    drop
+                })
+            })
+            .await
+            .map_err(|e| BrokerError::Internal(e.to_string()))??;
+            if new_first > first {
+                tracing::debug!(channel = %channel.name(), first = new_first, removed, "retention trimmed");
+                channel.trimmed(new_first, removed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Saves consumers, stops the writer and flushes. Call once, after every
+    /// session has ended.
+    pub async fn shutdown(&self) -> Result<(), BrokerError> {
+        let consumers: Vec<Arc<Consumer>> = lock(&self.consumers).values().cloned().collect();
+        for consumer in consumers.iter().filter(|c| c.is_persistent()) {
+            let record = consumer.lock().record();
+            let (store, channel, name) = (
+                Arc::clone(&self.store),
+                consumer.channel().id(),
+                consumer.key().to_owned(),
+            );
+            tokio::task::spawn_blocking(move || store.save_consumer(channel, &name, &record))
+                .await
+                .map_err(|e| BrokerError::Internal(e.to_string()))??;
+        }
+        self.flush().await?;
+        let _ = self.writer.send(WriterRequest::Stop).await;
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Bytes the store uses on disk.
+    pub fn store_size(&self) -> u64 {
+        self.store.size_on_disk()
+    }
+
+    /// How long the writer queue has room for (0 when publishers are waiting).
+    pub fn writer_capacity(&self) -> usize {
+        self.writer.capacity()
+    }
+}
+
+/// Names the consumer a subscription attaches to: group > consumer > user >
+/// an anonymous one that lives as long as the subscription.
+fn consumer_key(
+    request: &SubscribeRequest,
+    id: SubscriptionId,
+    durable: bool,
+) -> Result<(String, ConsumerMode, bool), BrokerError> {
+    let check = |what: &str, name: &str| {
+        ChannelName::new(name)
+            .map(|_| ())
+            .map_err(|e| BrokerError::BadRequest(format!("{what} name: {e}")))
+    };
+    if let Some(group) = &request.group {
+        check("group", group)?;
+        return Ok((format!("g/{group}"), ConsumerMode::Queue, durable));
+    }
+    if let Some(consumer) = &request.consumer {
+        check("consumer", consumer)?;
+        return Ok((format!("c/{consumer}"), ConsumerMode::Fanout, durable));
+    }
+    if let Some(user) = &request.user {
+        return Ok((format!("u/{user}"), ConsumerMode::Fanout, durable));
+    }
+    Ok((format!("a/{id}"), ConsumerMode::Fanout, false))
+}
+
+/// How often consumer state is saved.
+pub const PERSIST_INTERVAL: Duration = Duration::from_millis(100);

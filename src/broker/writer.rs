@@ -1,0 +1,327 @@
+//! The channel writer: the one place that assigns seqs and appends to the
+//! store, and the group commit that makes appends durable before their puback.
+//!
+//! Two OS threads (sled is blocking I/O, so neither runs on the runtime):
+//!
+//! - the *writer* takes publish requests in batches, checks `msg_id` dedup,
+//!   assigns each message the next seq of its channel and appends it;
+//! - the *flusher* takes whole batches from the writer, runs one sled flush +
+//!   fdatasync for all of them, then makes them visible and sends the
+//!   pubacks. While it flushes, the writer appends the next batch: the batch
+//!   grows with load, which is what group commit means.
+//!
+//! `fsync = "always"` flushes after every message on the writer thread;
+//! `"interval"` acknowledges at once and the flusher flushes on a timer.
+//! The flusher is the only caller of [`Store::flush_durable`].
+
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use super::channel::{Channel, Message};
+use super::{BrokerError, PublishOutcome, now_ms};
+use crate::config::FsyncPolicy;
+use crate::metrics;
+use crate::protocol::Headers;
+use crate::storage::{MessageRecord, Store};
+
+/// Most requests the writer takes in one batch.
+const MAX_BATCH: usize = 4096;
+
+/// Requests queued for the writer before publishers wait.
+pub(crate) const QUEUE_CAPACITY: usize = 8192;
+
+/// A publish waiting for its seq.
+pub(crate) struct AppendRequest {
+    pub channel: Arc<Channel>,
+    pub data: Bytes,
+    pub headers: Option<Headers>,
+    pub msg_id: Option<String>,
+    pub reply: oneshot::Sender<Result<PublishOutcome, BrokerError>>,
+    /// When the publish arrived, for the publish-to-durable histogram.
+    pub received: Instant,
+}
+
+/// What the writer sends.
+pub(crate) enum WriterRequest {
+    Append(AppendRequest),
+    /// Make everything written so far durable (consumer state, channel records).
+    Flush(Option<oneshot::Sender<()>>),
+    /// Finish what is queued before this, then stop (the flusher flushes last).
+    Stop,
+}
+
+enum Done {
+    New {
+        channel: Arc<Channel>,
+        message: Arc<Message>,
+        reply: oneshot::Sender<Result<PublishOutcome, BrokerError>>,
+        received: Instant,
+    },
+    Duplicate {
+        seq: u64,
+        reply: oneshot::Sender<Result<PublishOutcome, BrokerError>>,
+    },
+    Flushed(oneshot::Sender<()>),
+}
+
+/// Starts the writer and flusher threads.
+pub(crate) fn start(
+    store: Arc<Store>,
+    policy: FsyncPolicy,
+    interval: Duration,
+    requests: mpsc::Receiver<WriterRequest>,
+) -> std::io::Result<Vec<JoinHandle<()>>> {
+    let (batches_tx, batches_rx) = std_mpsc::channel::<Vec<Done>>();
+    let flusher_store = Arc::clone(&store);
+    let flusher = std::thread::Builder::new()
+        .name("courier-flusher".into())
+        .spawn(move || flusher_loop(&flusher_store, policy, interval, &batches_rx))?;
+    let writer = std::thread::Builder::new()
+        .name("courier-writer".into())
+        .spawn(move || writer_loop(&store, policy, requests, &batches_tx))?;
+    Ok(vec![writer, flusher])
+}
+
+fn writer_loop(
+    store: &Store,
+    policy: FsyncPolicy,
+    mut requests: mpsc::Receiver<WriterRequest>,
+    batches: &std_mpsc::Sender<Vec<Done>>,
+) {
+    let max_batch = if policy == FsyncPolicy::Always {
+        1
+    } else {
+        MAX_BATCH
+    };
+    let mut stopping = false;
+    while let Some(first) = requests.blocking_recv() {
+        let mut done = Vec::with_capacity(64);
+        let mut next = Some(first);
+        while let Some(request) = next.take() {
+            match request {
+                WriterRequest::Append(append) => {
+                    if let Some(d) = append_one(store, append) {
+                        done.push(d);
+                    }
+                }
+                WriterRequest::Stop => stopping = true,
+                WriterRequest::Flush(reply) => {
+                    if let Some(reply) = reply {
+                        done.push(Done::Flushed(reply));
+                    } else if done.is_empty() {
+                        done.push(Done::Flushed(oneshot::channel().0));
+                    }
+                }
+            }
+            if done.len() < max_batch && !stopping {
+                next = requests.try_recv().ok();
+            }
+        }
+        if policy == FsyncPolicy::Always {
+            let flushed = flush(store);
+            complete(done, flushed);
+        } else if batches.send(done).is_err() {
+            return;
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Publishes to an ephemeral channel on the caller's task: seq, cache and
+/// head move under one lock, so concurrent publishers stay in order.
+pub(crate) fn publish_ephemeral(request: AppendRequest) {
+    let AppendRequest {
+        channel,
+        data,
+        headers,
+        msg_id,
+        reply,
+        received: _,
+    } = request;
+    let ts = now_ms();
+    let mut state = channel.lock();
+    if let Some(id) = &msg_id
+        && let Some(seq) = state.dedup.get(id, ts)
+    {
+        let _ = reply.send(Ok(PublishOutcome {
+            seq,
+            duplicate: true,
+        }));
+        return;
+    }
+    let seq = state.assigned + 1;
+    state.assigned = seq;
+    if let Some(id) = msg_id {
+        state.dedup.insert(id, seq, ts);
+    }
+    let message = Arc::new(Message {
+        seq,
+        ts,
+        headers,
+        data,
+    });
+    channel.commit_locked(&mut state, message);
+    let _ = reply.send(Ok(PublishOutcome {
+        seq,
+        duplicate: false,
+    }));
+}
+
+/// Assigns a seq and appends; `None` when the reply was already sent (an error).
+fn append_one(store: &Store, request: AppendRequest) -> Option<Done> {
+    let AppendRequest {
+        channel,
+        data,
+        headers,
+        msg_id,
+        reply,
+        received,
+    } = request;
+    let ts = now_ms();
+    let mut state = channel.lock();
+    if let Some(id) = &msg_id
+        && let Some(seq) = state.dedup.get(id, ts)
+    {
+        return Some(Done::Duplicate { seq, reply });
+    }
+    let seq = state.assigned + 1;
+    let message = Arc::new(Message {
+        seq,
+        ts,
+        headers,
+        data,
+    });
+    {
+        let record = MessageRecord {
+            ts,
+            msg_id: msg_id.clone(),
+            headers: message.headers.clone(),
+            data: message.data.to_vec(),
+        };
+        let mut head = state.head_record;
+        head.last_seq = seq;
+        head.appended_bytes += record.size();
+        if let Err(e) = store.append(channel.id(), seq, &record, &head) {
+            tracing::error!(channel = %channel.name(), error = %e, "append failed");
+            let _ = reply.send(Err(BrokerError::Unavailable(format!("storage: {e}"))));
+            return None;
+        }
+        state.head_record = head;
+    }
+    state.assigned = seq;
+    state.bytes += u64::try_from(message.size()).unwrap_or(u64::MAX);
+    if let Some(id) = msg_id {
+        state.dedup.insert(id, seq, ts);
+    }
+    drop(state);
+    Some(Done::New {
+        channel,
+        message,
+        reply,
+        received,
+    })
+}
+
+fn flush(store: &Store) -> Result<(), String> {
+    let started = Instant::now();
+    let result = store.flush_durable().map_err(|e| e.to_string());
+    metrics::STORE_FLUSH_SECONDS.observe(started.elapsed().as_secs_f64());
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "store flush failed");
+    }
+    result
+}
+
+fn flusher_loop(
+    store: &Store,
+    policy: FsyncPolicy,
+    interval: Duration,
+    batches: &std_mpsc::Receiver<Vec<Done>>,
+) {
+    let mut last_flush = Instant::now();
+    loop {
+        let first = match policy {
+            FsyncPolicy::Interval => match batches.recv_timeout(interval) {
+                Ok(batch) => Some(batch),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+            },
+            _ => match batches.recv() {
+                Ok(batch) => Some(batch),
+                Err(_) => break,
+            },
+        };
+        let mut all = first.unwrap_or_default();
+        while let Ok(more) = batches.try_recv() {
+            all.extend(more);
+        }
+        match policy {
+            FsyncPolicy::Interval => {
+                complete(all, Ok(()));
+                if last_flush.elapsed() >= interval {
+                    let _ = flush(store);
+                    last_flush = Instant::now();
+                }
+            }
+            _ => {
+                if all.is_empty() {
+                    continue;
+                }
+                let flushed = flush(store);
+                complete(all, flushed);
+            }
+        }
+    }
+    let _ = flush(store);
+}
+
+/// Makes a flushed batch visible and answers its publishers.
+fn complete(done: Vec<Done>, flushed: Result<(), String>) {
+    for d in done {
+        match d {
+            Done::New {
+                channel,
+                message,
+                reply,
+                received,
+            } => {
+                let seq = message.seq;
+                match &flushed {
+                    Ok(()) => {
+                        channel.commit(message);
+                        metrics::PUBLISH_SECONDS.observe(received.elapsed().as_secs_f64());
+                        let _ = reply.send(Ok(PublishOutcome {
+                            seq,
+                            duplicate: false,
+                        }));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(BrokerError::Unavailable(format!(
+                            "storage flush failed: {e}"
+                        ))));
+                    }
+                }
+            }
+            Done::Duplicate { seq, reply } => {
+                let outcome = flushed
+                    .as_ref()
+                    .map(|()| PublishOutcome {
+                        seq,
+                        duplicate: true,
+                    })
+                    .map_err(|e| BrokerError::Unavailable(format!("storage flush failed: {e}")));
+                let _ = reply.send(outcome);
+            }
+            Done::Flushed(reply) => {
+                let _ = reply.send(());
+            }
+        }
+    }
+}

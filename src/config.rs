@@ -1,0 +1,578 @@
+//! Every setting of the broker: the TOML file, environment variables and flags
+//! merged into one [`Config`] (flags beat env beat file beat defaults).
+//!
+//! Durations and sizes are human-readable strings ("30s", "7d", "1MiB").
+//! Unknown keys and bad values stop start-up with a message naming the key
+//! and the file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+/// A duration written as "250ms", "30s", "5m", "7d".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        humantime::parse_duration(s.trim()).map(Self).map_err(|e| {
+            format!("{s:?} is not a duration like \"500ms\", \"30s\", \"5m\", \"7d\": {e}")
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A size written as "512", "64KiB", "1MiB", "1GiB" (or KB/MB/GB, powers of 1000).
+///
+/// Parsed by hand: the grammar is six suffixes, smaller than any crate's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let text = s.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let bad = || format!("{s:?} is not a size like \"512\", \"64KiB\", \"1MiB\", \"1GiB\"");
+        let number: u64 = number.parse().map_err(|_| bad())?;
+        let factor: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            _ => return Err(bad()),
+        };
+        number.checked_mul(factor).map(Self).ok_or_else(bad)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(Self(n)),
+            Raw::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// When a published message counts as durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncPolicy {
+    /// One flush + fdatasync per message before its puback.
+    Always,
+    /// Group commit: many messages share one flush + fdatasync, every puback after it.
+    #[default]
+    Batch,
+    /// Puback at once; a background flush every `fsync_interval` (the loss window).
+    Interval,
+}
+
+impl fmt::Display for FsyncPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Always => "always",
+            Self::Batch => "batch",
+            Self::Interval => "interval",
+        })
+    }
+}
+
+impl FromStr for FsyncPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "always" => Ok(Self::Always),
+            "batch" => Ok(Self::Batch),
+            "interval" => Ok(Self::Interval),
+            _ => Err(format!(
+                "{s:?} is not an fsync policy: always, batch or interval"
+            )),
+        }
+    }
+}
+
+/// `[server]`: listeners, storage, connection limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    /// Public listener: `/ws`, `/healthz`, `/readyz`.
+    pub listen: SocketAddr,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// Where sled keeps its files.
+    pub data_dir: PathBuf,
+    pub fsync: FsyncPolicy,
+    /// Flush period under `fsync = "interval"`.
+    pub fsync_interval: Duration,
+    /// Largest frame accepted; frames up to twice this get an error, larger ones close the connection.
+    pub max_frame: u64,
+    /// Server ping period; a connection silent for two of these is dropped.
+    pub heartbeat: Duration,
+    /// Time a new connection has to send `connect`.
+    pub connect_timeout: Duration,
+    /// Open connections at most; more wait in the accept queue.
+    pub max_connections: usize,
+    /// Frames queued towards one connection before its senders wait.
+    pub outbound_buffer: usize,
+    /// Publishes one connection may have waiting for their puback.
+    pub max_pending_publishes: u32,
+    /// Messages kept in memory per channel for fast delivery.
+    pub cache_msgs: usize,
+    /// Bytes of messages kept in memory per channel.
+    pub cache_bytes: u64,
+    /// sled's page cache.
+    pub store_cache: u64,
+    /// How long a `msg_id` is remembered.
+    pub dedup_window: Duration,
+    /// `msg_id`s remembered per channel at most (oldest forgotten first).
+    pub dedup_max: usize,
+    /// Period of the retention sweep.
+    pub retention_interval: Duration,
+    /// How long shutdown waits for connections to drain.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 7071)),
+            data_dir: PathBuf::from("courier-data"),
+            fsync: FsyncPolicy::Batch,
+            fsync_interval: Duration::from_millis(100),
+            max_frame: 1 << 20,
+            heartbeat: Duration::from_secs(25),
+            connect_timeout: Duration::from_secs(10),
+            max_connections: 100_000,
+            outbound_buffer: 256,
+            max_pending_publishes: 1024,
+            cache_msgs: 4096,
+            cache_bytes: 8 << 20,
+            store_cache: 128 << 20,
+            dedup_window: Duration::from_secs(120),
+            dedup_max: 100_000,
+            retention_interval: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The policy of one namespace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamespacePolicy {
+    /// Persisted and acked (true) or memory only, at most once (false).
+    pub durable: bool,
+    pub ack_wait: Duration,
+    pub max_deliver: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Largest delivery window a subscription may have.
+    pub max_in_flight: u32,
+    pub max_msgs: u64,
+    pub max_bytes: u64,
+    pub max_age: Duration,
+}
+
+impl Default for NamespacePolicy {
+    fn default() -> Self {
+        Self {
+            durable: true,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 10,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            max_in_flight: 1000,
+            max_msgs: 1_000_000,
+            max_bytes: 1 << 30,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// `[namespaces.default]`, merged over the built-in defaults.
+    pub default_namespace: NamespacePolicy,
+    /// Other namespaces, each merged over `default_namespace`.
+    pub namespaces: BTreeMap<String, NamespacePolicy>,
+}
+
+impl Config {
+    /// The policy of a namespace (`""` and unknown ones get the default).
+    pub fn policy(&self, namespace: &str) -> &NamespacePolicy {
+        self.namespaces
+            .get(namespace)
+            .unwrap_or(&self.default_namespace)
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    server: FileServer,
+    #[serde(default)]
+    namespaces: BTreeMap<String, FileNamespace>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServer {
+    listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    fsync: Option<FsyncPolicy>,
+    fsync_interval: Option<HumanDuration>,
+    max_frame: Option<ByteSize>,
+    heartbeat: Option<HumanDuration>,
+    connect_timeout: Option<HumanDuration>,
+    max_connections: Option<usize>,
+    outbound_buffer: Option<usize>,
+    max_pending_publishes: Option<u32>,
+    cache_msgs: Option<usize>,
+    cache_bytes: Option<ByteSize>,
+    store_cache: Option<ByteSize>,
+    dedup_window: Option<HumanDuration>,
+    dedup_max: Option<usize>,
+    retention_interval: Option<HumanDuration>,
+    shutdown_timeout: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNamespace {
+    durable: Option<bool>,
+    ack_wait: Option<HumanDuration>,
+    max_deliver: Option<u32>,
+    backoff_base: Option<HumanDuration>,
+    backoff_max: Option<HumanDuration>,
+    max_in_flight: Option<u32>,
+    max_msgs: Option<u64>,
+    max_bytes: Option<ByteSize>,
+    max_age: Option<HumanDuration>,
+}
+
+/// Replaces `$field` of `$target` with the file's value when it set one.
+macro_rules! merge {
+    ($target:expr, $source:expr, { $($field:ident),* }, { $($dur:ident),* }) => {{
+        $(if let Some(v) = $source.$field { $target.$field = v.into(); })*
+        $(if let Some(v) = $source.$dur { $target.$dur = v.0; })*
+    }};
+}
+
+impl From<ByteSize> for u64 {
+    fn from(size: ByteSize) -> u64 {
+        size.0
+    }
+}
+
+impl FileNamespace {
+    fn over(&self, base: &NamespacePolicy) -> NamespacePolicy {
+        let mut policy = base.clone();
+        let source = self.clone();
+        merge!(policy, source, { durable, max_deliver, max_in_flight, max_msgs, max_bytes },
+            { ack_wait, backoff_base, backoff_max, max_age });
+        policy
+    }
+}
+
+/// What flags and environment variables override.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads `path` (when given), applies `overrides`, validates.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let (file, origin) = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                (Self::parse_file(&text, path)?, path.display().to_string())
+            }
+            None => (FileConfig::default(), "defaults".to_owned()),
+        };
+        let mut config = Self::from_file(file);
+        if let Some(listen) = overrides.listen {
+            config.server.listen = listen;
+        }
+        if let Some(admin) = overrides.admin_listen {
+            config.server.admin_listen = admin;
+        }
+        if let Some(dir) = &overrides.data_dir {
+            config.server.data_dir = dir.clone();
+        }
+        config
+            .validate()
+            .map_err(|message| ConfigError::Invalid { origin, message })?;
+        Ok(config)
+    }
+
+    /// Parses a config file's text; `path` only names it in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config = Self::from_file(Self::parse_file(text, path)?);
+        config.validate().map_err(|message| ConfigError::Invalid {
+            origin: path.display().to_string(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })
+    }
+
+    fn from_file(file: FileConfig) -> Self {
+        let mut server = ServerConfig::default();
+        let s = file.server;
+        merge!(server, s, { listen, admin_listen, data_dir, fsync, max_frame, max_connections,
+            outbound_buffer, max_pending_publishes, cache_msgs, cache_bytes, store_cache, dedup_max },
+            { fsync_interval, heartbeat, connect_timeout, dedup_window, retention_interval,
+              shutdown_timeout });
+        let builtin = NamespacePolicy::default();
+        let default_namespace = file
+            .namespaces
+            .get("default")
+            .map_or(builtin.clone(), |ns| ns.over(&builtin));
+        let namespaces = file
+            .namespaces
+            .iter()
+            .filter(|(name, _)| name.as_str() != "default")
+            .map(|(name, ns)| (name.clone(), ns.over(&default_namespace)))
+            .collect();
+        Self {
+            server,
+            default_namespace,
+            namespaces,
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let s = &self.server;
+        let positive = [
+            ("server.max_frame", s.max_frame == 0),
+            ("server.heartbeat", s.heartbeat.is_zero()),
+            ("server.connect_timeout", s.connect_timeout.is_zero()),
+            ("server.max_connections", s.max_connections == 0),
+            ("server.outbound_buffer", s.outbound_buffer == 0),
+            ("server.max_pending_publishes", s.max_pending_publishes == 0),
+            ("server.fsync_interval", s.fsync_interval.is_zero()),
+            ("server.retention_interval", s.retention_interval.is_zero()),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, zero)| *zero) {
+            return Err(format!("{key} must be greater than zero"));
+        }
+        if s.max_frame > 64 << 20 {
+            return Err("server.max_frame must be at most 64MiB".to_owned());
+        }
+        for (name, ns) in std::iter::once(("default", &self.default_namespace))
+            .chain(self.namespaces.iter().map(|(n, p)| (n.as_str(), p)))
+        {
+            if !name.is_empty() && crate::protocol::ChannelName::new(name).is_err()
+                || name.contains(':')
+            {
+                return Err(format!(
+                    "namespaces.{name}: a namespace name is a channel-name prefix without ':'"
+                ));
+            }
+            let checks = [
+                ("max_in_flight", ns.max_in_flight == 0),
+                ("max_deliver", ns.max_deliver == 0),
+                ("max_msgs", ns.max_msgs == 0),
+                ("max_bytes", ns.max_bytes == 0),
+                ("max_age", ns.max_age.is_zero()),
+                ("ack_wait", ns.ack_wait.is_zero()),
+                ("backoff_base", ns.backoff_base.is_zero()),
+            ];
+            if let Some((key, _)) = checks.iter().find(|(_, zero)| *zero) {
+                return Err(format!("namespaces.{name}.{key} must be greater than zero"));
+            }
+            if ns.backoff_max < ns.backoff_base {
+                return Err(format!(
+                    "namespaces.{name}.backoff_max must be at least backoff_base"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("courier.toml"))
+    }
+
+    #[test]
+    fn the_design_example_parses() {
+        let config = parse(
+            r#"
+[server]
+listen = "127.0.0.1:7070"
+admin_listen = "127.0.0.1:7071"
+data_dir = "courier-data"
+fsync = "batch"
+max_frame = "1MiB"
+
+[namespaces.default]
+durable = true
+ack_wait = "30s"
+max_deliver = 10
+backoff_base = "1s"
+backoff_max = "5m"
+max_in_flight = 1000
+max_msgs = 1000000
+max_bytes = "1GiB"
+max_age = "7d"
+
+[namespaces.typing]
+durable = false
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.server.max_frame, 1 << 20);
+        assert_eq!(
+            config.default_namespace.max_age,
+            Duration::from_secs(7 * 86400)
+        );
+        assert_eq!(
+            config.default_namespace.backoff_max,
+            Duration::from_secs(300)
+        );
+        let typing = config.policy("typing");
+        assert!(!typing.durable);
+        assert_eq!(typing.max_in_flight, 1000, "inherits from default");
+        assert!(config.policy("chat").durable);
+    }
+
+    #[test]
+    fn namespaces_inherit_from_the_configured_default() {
+        let config =
+            parse("[namespaces.default]\nmax_deliver = 3\n[namespaces.jobs]\nack_wait = \"5s\"\n")
+                .unwrap();
+        let jobs = config.policy("jobs");
+        assert_eq!(jobs.max_deliver, 3);
+        assert_eq!(jobs.ack_wait, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_the_file() {
+        let err = parse("[server]\nlisten_addr = \"127.0.0.1:1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("courier.toml"), "{err}");
+        assert!(err.contains("listen_addr"), "{err}");
+        let err = parse("[namespaces.chat]\nmax_inflight = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_inflight"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = parse("[server]\nmax_frame = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_frame") && err.contains("lots"), "{err}");
+        let err = parse("[server]\nfsync = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fsync"), "{err}");
+        let err = parse("[namespaces.chat]\nack_wait = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ack_wait"), "{err}");
+        let err = parse("[namespaces.chat]\nmax_in_flight = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("namespaces.chat.max_in_flight"), "{err}");
+        let err = parse("[namespaces.\"a:b\"]\ndurable = false\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("namespaces.a:b"), "{err}");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!("64KiB".parse::<ByteSize>().unwrap().0, 65536);
+        assert_eq!("2MB".parse::<ByteSize>().unwrap().0, 2_000_000);
+        assert_eq!("17".parse::<ByteSize>().unwrap().0, 17);
+        assert!("1.5MiB".parse::<ByteSize>().is_err());
+        assert!("99999999999TiB".parse::<ByteSize>().is_err());
+        assert_eq!(
+            "250ms".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert!("forever".parse::<HumanDuration>().is_err());
+    }
+
+    #[test]
+    fn overrides_beat_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[server]\nlisten = \"127.0.0.1:1000\"\ndata_dir = \"from-file\"\n",
+        )
+        .unwrap();
+        let overrides = Overrides {
+            listen: Some("127.0.0.1:2000".parse().unwrap()),
+            ..Overrides::default()
+        };
+        let config = Config::load(Some(&path), &overrides).unwrap();
+        assert_eq!(config.server.listen.port(), 2000);
+        assert_eq!(config.server.data_dir, PathBuf::from("from-file"));
+    }
+}

@@ -1,0 +1,25 @@
+//! Courier: a reliable real-time message broker.
+//!
+//! Module map (dependencies point up this list, never down):
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`protocol`] | frames, the JSON and MessagePack codecs, error and close codes; pure |
+//! | [`config`] | every setting: file, env, flags |
+//! | [`storage`] | sled: channel logs, heads, consumer state; nothing else imports sled |
+//! | [`delivery`] | consumers: floor, acked set, windows, redelivery order (sans I/O) |
+//! | [`broker`] | channels, the one writer that assigns seqs, group commit, retention |
+//! | [`session`] | one connection's protocol state machine, over frames in and out |
+//! | [`transport`] | WebSocket (and HTTP health) listeners; how frames travel |
+//! | [`server`] | wiring: start, background tasks, graceful shutdown |
+//! | [`metrics`] | every Prometheus metric |
+
+pub mod broker;
+pub mod config;
+pub mod delivery;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod storage;
+pub mod transport;

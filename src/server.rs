@@ -1,0 +1,146 @@
+//! Wiring: open the broker, serve the public listener, run the background
+//! tasks, and shut down gracefully.
+//!
+//! [`run`] takes an already-bound listener and a shutdown future, so tests
+//! bind port 0 and the binary passes a signal future. Shutdown: stop
+//! accepting, tell every client 4010 (reconnect), wait for sessions (at most
+//! `shutdown_timeout`), save consumers, flush the store.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{Broker, BrokerError, PERSIST_INTERVAL};
+use crate::config::Config;
+use crate::transport::{AppState, public_router};
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the broker on `listener` until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let config = Arc::new(config);
+    let open_config = Arc::clone(&config);
+    let broker = tokio::task::spawn_blocking(move || Broker::open(open_config))
+        .await
+        .map_err(|e| BrokerError::Internal(e.to_string()))??;
+    let addr = listener.local_addr()?;
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let state = Arc::new(AppState {
+        broker: Arc::clone(&broker),
+        tracker: tracker.clone(),
+        shutdown: cancel.clone(),
+        connections: Arc::new(Semaphore::new(config.server.max_connections)),
+    });
+    let background = spawn_background(&broker, &tracker, &cancel);
+    tracing::info!(%addr, data_dir = %config.server.data_dir.display(), fsync = %config.server.fsync, "courier listening");
+
+    let signal_cancel = cancel.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        signal_cancel.cancel();
+    });
+    let app = public_router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let http_cancel = cancel.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { http_cancel.cancelled().await })
+        .await?;
+
+    tracing::info!("shutting down: closing connections");
+    tracker.close();
+    if tokio::time::timeout(config.server.shutdown_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections did not close within shutdown_timeout");
+    }
+    for task in background {
+        task.abort();
+    }
+    broker.shutdown().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn spawn_background(
+    broker: &Arc<Broker>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let persist = {
+        let (broker, cancel) = (Arc::clone(broker), cancel.clone());
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(PERSIST_INTERVAL);
+            while !cancel.is_cancelled() {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                if let Err(e) = broker.persist_consumers().await {
+                    tracing::error!(error = %e, "saving consumer state failed");
+                }
+            }
+        })
+    };
+    let retention = {
+        let (broker, cancel) = (Arc::clone(broker), cancel.clone());
+        let period = broker.config().server.retention_interval;
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            while !cancel.is_cancelled() {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                if let Err(e) = broker.enforce_retention().await {
+                    tracing::error!(error = %e, "retention sweep failed");
+                }
+            }
+        })
+    };
+    vec![persist, retention]
+}
+
+/// A future that resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}

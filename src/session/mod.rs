@@ -1,0 +1,594 @@
+//! One connection's protocol state machine: frames in, frames out.
+//!
+//! Transport-neutral: a transport hands the session a stream of [`Inbound`]
+//! events and drains its [`Outgoing`] queue; nothing here knows about
+//! sockets or encodings. Request errors get an `error` frame and the session
+//! goes on; a broken protocol (no `connect`, too many bad frames, a silent
+//! peer) ends it with a close code.
+//!
+//! Publishes are pipelined: each goes to the broker at once and its `puback`
+//! is sent when it is durable, in the order the publishes arrived; at most
+//! `max_pending_publishes` wait at a time, after which the session stops
+//! reading (backpressure reaches the client through TCP).
+
+mod subscription;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::stream::{FuturesOrdered, Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::broker::{Broker, BrokerError, PublishOutcome, SubscribeRequest, Subscription};
+use crate::metrics;
+use crate::protocol::{
+    Ack, AckMode, ChannelName, ChannelRequest, ClientFrame, Connected, DecodeError, ErrorCode,
+    ErrorFrame, IdOnly, Limits, Nack, PubAck, Publish, ServerFrame, Subscribe, Subscribed,
+    Unsubscribed, close,
+};
+
+/// What a session asks its transport to send.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    Frame(ServerFrame),
+    /// Send a close with this code and reason, then stop.
+    Close {
+        code: u16,
+        reason: String,
+    },
+}
+
+/// What a transport hands to the session.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A decoded frame, or why it could not be decoded.
+    Frame(Result<ClientFrame, DecodeError>),
+    /// A frame larger than `max_frame` (but small enough to read); bytes.
+    TooLarge(usize),
+    /// A frame of the wrong kind for the negotiated codec.
+    WrongKind(&'static str),
+    /// The transport cannot go on: close with this code and reason.
+    Fatal { code: u16, reason: String },
+}
+
+/// Facts about the connection that the transport knows.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub conn_id: String,
+    pub remote: Option<SocketAddr>,
+    pub transport: &'static str,
+}
+
+/// Consecutive bad frames before the connection is closed with 4000.
+pub const MAX_BAD_FRAMES: u32 = 10;
+/// Longest `msg_id`, bytes.
+pub const MAX_MSG_ID_LEN: usize = 256;
+/// Most headers on one message.
+pub const MAX_HEADERS: usize = 64;
+/// Longest header name or value, bytes.
+pub const MAX_HEADER_LEN: usize = 4096;
+
+type PendingPublish = Pin<Box<dyn Future<Output = ServerFrame> + Send + Sync>>;
+
+struct Active {
+    subscription: Arc<Subscription>,
+    cancel: CancellationToken,
+    pump: JoinHandle<()>,
+}
+
+/// The protocol state of one connection.
+pub struct Session {
+    broker: Arc<Broker>,
+    info: ConnectionInfo,
+    out: mpsc::Sender<Outgoing>,
+    user: Option<String>,
+    /// The client opted in to `msgs` batches.
+    batch: bool,
+    subscriptions: HashMap<String, Active>,
+    pending: FuturesOrdered<PendingPublish>,
+    bad_in_a_row: u32,
+}
+
+/// The session cannot go on (the transport's queue is gone).
+struct Closed;
+
+fn error(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
+    ServerFrame::Error(ErrorFrame::new(id, code, message))
+}
+
+fn broker_error(id: Option<u64>, e: &BrokerError) -> ServerFrame {
+    error(id, e.code(), e.to_string())
+}
+
+impl Session {
+    /// A session that sends through `out`.
+    pub fn new(broker: Arc<Broker>, info: ConnectionInfo, out: mpsc::Sender<Outgoing>) -> Self {
+        Self {
+            broker,
+            info,
+            out,
+            user: None,
+            batch: false,
+            subscriptions: HashMap::new(),
+            pending: FuturesOrdered::new(),
+            bad_in_a_row: 0,
+        }
+    }
+
+    async fn send(&self, frame: ServerFrame) -> Result<(), Closed> {
+        metrics::FRAMES_OUT.with_label_values(&[frame.kind()]).inc();
+        self.out
+            .send(Outgoing::Frame(frame))
+            .await
+            .map_err(|_| Closed)
+    }
+
+    async fn close(&self, code: u16, reason: &str) {
+        metrics::CONNECTIONS_CLOSED
+            .with_label_values(&[&code.to_string()])
+            .inc();
+        let _ = self
+            .out
+            .send(Outgoing::Close {
+                code,
+                reason: reason.to_owned(),
+            })
+            .await;
+    }
+
+    /// Runs the session until the client leaves, the protocol breaks, or
+    /// `shutdown` fires (then clients are told 4010: reconnect).
+    pub async fn run<S>(mut self, mut incoming: S, shutdown: CancellationToken)
+    where
+        S: Stream<Item = Inbound> + Unpin,
+    {
+        let span = tracing::info_span!("connection", conn_id = %self.info.conn_id, transport = self.info.transport);
+        async move {
+            if self.handshake(&mut incoming, &shutdown).await.is_ok() {
+                let _ = self.serve(&mut incoming, &shutdown).await;
+            }
+            self.teardown().await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn handshake<S>(
+        &mut self,
+        incoming: &mut S,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Closed>
+    where
+        S: Stream<Item = Inbound> + Unpin,
+    {
+        let timeout = self.broker.config().server.connect_timeout;
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => {
+                self.close(close::RESTARTING, "server restarting").await;
+                return Err(Closed);
+            }
+            first = tokio::time::timeout(timeout, incoming.next()) => first,
+        };
+        let connect = match first {
+            Err(_) => {
+                self.close(close::PROTOCOL_ERROR, "no connect frame in time")
+                    .await;
+                return Err(Closed);
+            }
+            Ok(None) => return Err(Closed),
+            Ok(Some(Inbound::Frame(Ok(ClientFrame::Connect(connect))))) => connect,
+            Ok(Some(Inbound::Fatal { code, reason })) => {
+                self.close(code, &reason).await;
+                return Err(Closed);
+            }
+            Ok(Some(other)) => {
+                let id = match &other {
+                    Inbound::Frame(Ok(frame)) => request_id(frame),
+                    Inbound::Frame(Err(e)) => e.id,
+                    _ => None,
+                };
+                let _ = self
+                    .send(error(
+                        id,
+                        ErrorCode::BadRequest,
+                        "the first frame must be `connect`",
+                    ))
+                    .await;
+                self.close(close::PROTOCOL_ERROR, "first frame must be connect")
+                    .await;
+                return Err(Closed);
+            }
+        };
+        metrics::FRAMES_IN.with_label_values(&["connect"]).inc();
+        self.batch = connect.batch.unwrap_or(false);
+        let server = &self.broker.config().server;
+        let connected = Connected {
+            conn_id: self.info.conn_id.clone(),
+            user: self.user.clone(),
+            heartbeat_ms: u64::try_from(server.heartbeat.as_millis()).unwrap_or(u64::MAX),
+            limits: Limits {
+                max_frame: server.max_frame,
+                max_in_flight: self.broker.config().default_namespace.max_in_flight,
+                max_pending_publishes: server.max_pending_publishes,
+            },
+        };
+        tracing::debug!(
+            client = connect.client.as_deref().unwrap_or(""),
+            "connected"
+        );
+        self.send(ServerFrame::Connected(connected)).await
+    }
+
+    async fn serve<S>(
+        &mut self,
+        incoming: &mut S,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Closed>
+    where
+        S: Stream<Item = Inbound> + Unpin,
+    {
+        let max_pending = usize::try_from(self.broker.config().server.max_pending_publishes)
+            .unwrap_or(usize::MAX);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.drain_pending().await?;
+                    self.close(close::RESTARTING, "server restarting").await;
+                    return Err(Closed);
+                }
+                Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
+                    self.send(reply).await?;
+                }
+                event = incoming.next(), if self.pending.len() < max_pending => {
+                    let Some(event) = event else {
+                        return Ok(());
+                    };
+                    self.on_inbound(event).await?;
+                }
+            }
+        }
+    }
+
+    /// Sends the pubacks of publishes already handed to the broker.
+    async fn drain_pending(&mut self) -> Result<(), Closed> {
+        while let Some(reply) = self.pending.next().await {
+            self.send(reply).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_inbound(&mut self, event: Inbound) -> Result<(), Closed> {
+        let failure = match event {
+            Inbound::Frame(Ok(frame)) => {
+                self.bad_in_a_row = 0;
+                metrics::FRAMES_IN.with_label_values(&[frame.kind()]).inc();
+                return self.on_frame(frame).await;
+            }
+            Inbound::Frame(Err(e)) => error(e.id, ErrorCode::BadRequest, e.message),
+            Inbound::TooLarge(size) => error(
+                None,
+                ErrorCode::TooLarge,
+                format!(
+                    "frame of {size} bytes exceeds max_frame ({} bytes)",
+                    self.broker.config().server.max_frame
+                ),
+            ),
+            Inbound::WrongKind(message) => error(None, ErrorCode::BadRequest, message),
+            Inbound::Fatal { code, reason } => {
+                self.close(code, &reason).await;
+                return Err(Closed);
+            }
+        };
+        metrics::FRAMES_IN.with_label_values(&["invalid"]).inc();
+        self.send(failure).await?;
+        self.bad_in_a_row += 1;
+        if self.bad_in_a_row >= MAX_BAD_FRAMES {
+            self.close(close::PROTOCOL_ERROR, "too many bad frames")
+                .await;
+            return Err(Closed);
+        }
+        Ok(())
+    }
+
+    async fn on_frame(&mut self, frame: ClientFrame) -> Result<(), Closed> {
+        let reply = match frame {
+            ClientFrame::Connect(_) => {
+                Some(error(None, ErrorCode::BadRequest, "already connected"))
+            }
+            ClientFrame::Publish(publish) => self.on_publish(publish).await,
+            ClientFrame::Subscribe(subscribe) => self.on_subscribe(subscribe).await?,
+            ClientFrame::Unsubscribe(request) => Some(self.on_unsubscribe(request).await),
+            ClientFrame::Ack(ack) => self.on_ack(&ack),
+            ClientFrame::Nack(nack) => self.on_nack(&nack),
+            ClientFrame::Progress(progress) => {
+                let id = progress.id;
+                self.with_subscription(id, &progress.channel, |sub| {
+                    let state = sub.consumer.lock();
+                    match progress
+                        .seqs
+                        .iter()
+                        .find(|s| !state.is_in_flight(sub.id, **s))
+                    {
+                        Some(seq) => Some(error(
+                            id,
+                            ErrorCode::BadRequest,
+                            format!("seq {seq} is not in flight on this subscription"),
+                        )),
+                        None => None,
+                    }
+                })
+            }
+            ClientFrame::Term(term) => Some(error(
+                term.id,
+                ErrorCode::BadRequest,
+                "term needs the dead-letter queue, which this broker version does not have yet",
+            )),
+            ClientFrame::Presence(request) => Some(error(
+                Some(request.id),
+                ErrorCode::NotFound,
+                format!("presence is not enabled for channel {:?}", request.channel),
+            )),
+            ClientFrame::Refresh(refresh) => Some(error(
+                Some(refresh.id),
+                ErrorCode::BadRequest,
+                "this server has no authentication configured; there is nothing to refresh",
+            )),
+            ClientFrame::Ping(IdOnly { id }) => Some(ServerFrame::Pong(IdOnly { id })),
+        };
+        match reply {
+            Some(frame) => self.send(frame).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn on_publish(&mut self, publish: Publish) -> Option<ServerFrame> {
+        let id = publish.id;
+        let name = match ChannelName::new(&publish.channel) {
+            Ok(name) => name,
+            Err(e) => return Some(error(Some(id), ErrorCode::BadRequest, e.to_string())),
+        };
+        if let Some(msg_id) = &publish.msg_id
+            && (msg_id.is_empty() || msg_id.len() > MAX_MSG_ID_LEN)
+        {
+            return Some(error(
+                Some(id),
+                ErrorCode::BadRequest,
+                format!("msg_id must be 1..={MAX_MSG_ID_LEN} bytes"),
+            ));
+        }
+        if let Some(headers) = &publish.headers {
+            if headers.len() > MAX_HEADERS {
+                return Some(error(
+                    Some(id),
+                    ErrorCode::TooLarge,
+                    format!("at most {MAX_HEADERS} headers"),
+                ));
+            }
+            if headers
+                .iter()
+                .any(|(k, v)| k.len() > MAX_HEADER_LEN || v.len() > MAX_HEADER_LEN)
+            {
+                return Some(error(
+                    Some(id),
+                    ErrorCode::TooLarge,
+                    format!("header names and values are at most {MAX_HEADER_LEN} bytes"),
+                ));
+            }
+        }
+        let Some(data) = publish.payload() else {
+            return Some(error(
+                Some(id),
+                ErrorCode::BadRequest,
+                "publish needs `data`",
+            ));
+        };
+        let channel = match self.broker.channel(&name) {
+            Ok(channel) => channel,
+            Err(e) => return Some(broker_error(Some(id), &e)),
+        };
+        let channel_name = publish.channel;
+        match self
+            .broker
+            .publish(channel, data, publish.headers, publish.msg_id)
+            .await
+        {
+            Ok(receiver) => {
+                self.pending.push_back(Box::pin(async move {
+                    match receiver.await {
+                        Ok(Ok(PublishOutcome { seq, duplicate })) => {
+                            if !duplicate {
+                                metrics::MESSAGES_PUBLISHED.inc();
+                            }
+                            ServerFrame::Puback(PubAck {
+                                id,
+                                channel: channel_name,
+                                seq,
+                            })
+                        }
+                        Ok(Err(e)) => broker_error(Some(id), &e),
+                        Err(_) => error(
+                            Some(id),
+                            ErrorCode::Unavailable,
+                            "the broker is shutting down",
+                        ),
+                    }
+                }));
+                None
+            }
+            Err(e) => Some(broker_error(Some(id), &e)),
+        }
+    }
+
+    /// Sends `subscribed` itself (before the pump starts); returns an error reply, if any.
+    async fn on_subscribe(&mut self, subscribe: Subscribe) -> Result<Option<ServerFrame>, Closed> {
+        let id = subscribe.id;
+        let name = match ChannelName::new(&subscribe.channel) {
+            Ok(name) => name,
+            Err(e) => return Ok(Some(error(Some(id), ErrorCode::BadRequest, e.to_string()))),
+        };
+        if self.subscriptions.contains_key(name.as_str()) {
+            return Ok(Some(error(
+                Some(id),
+                ErrorCode::Conflict,
+                format!("already subscribed to {name}"),
+            )));
+        }
+        if subscribe.since.is_some() && subscribe.from.is_some() {
+            return Ok(Some(error(
+                Some(id),
+                ErrorCode::BadRequest,
+                "give `since` or `from`, not both",
+            )));
+        }
+        let request = SubscribeRequest {
+            channel: name.clone(),
+            consumer: subscribe.consumer,
+            group: subscribe.group,
+            user: self.user.clone(),
+            since: subscribe.since,
+            from: subscribe.from,
+            max_in_flight: subscribe.max_in_flight,
+            ack: subscribe.ack.unwrap_or(AckMode::Manual),
+        };
+        let subscription = match self.broker.subscribe(request).await {
+            Ok(subscription) => Arc::new(subscription),
+            Err(e) => return Ok(Some(broker_error(Some(id), &e))),
+        };
+        // `subscribed` goes out before the pump can send any `msg`.
+        self.send(ServerFrame::Subscribed(Subscribed {
+            id,
+            channel: name.as_str().to_owned(),
+            epoch: subscription.epoch.clone(),
+            first_seq: subscription.first_seq,
+            last_seq: subscription.last_seq,
+            recovered: subscription.recovered,
+        }))
+        .await?;
+        let cancel = CancellationToken::new();
+        let pump = tokio::spawn(subscription::pump(
+            Arc::clone(&self.broker),
+            Arc::clone(&subscription),
+            self.out.clone(),
+            self.batch,
+            cancel.clone(),
+        ));
+        self.subscriptions.insert(
+            name.as_str().to_owned(),
+            Active {
+                subscription,
+                cancel,
+                pump,
+            },
+        );
+        Ok(None)
+    }
+
+    async fn on_unsubscribe(&mut self, request: ChannelRequest) -> ServerFrame {
+        let Some(active) = self.subscriptions.remove(&request.channel) else {
+            return error(
+                Some(request.id),
+                ErrorCode::NotFound,
+                format!("not subscribed to {:?}", request.channel),
+            );
+        };
+        stop(active, &self.broker).await;
+        ServerFrame::Unsubscribed(Unsubscribed {
+            id: request.id,
+            channel: request.channel,
+        })
+    }
+
+    /// Runs `f` on the subscription to `channel`, or answers `not_found`.
+    fn with_subscription(
+        &self,
+        id: Option<u64>,
+        channel: &str,
+        f: impl FnOnce(&Subscription) -> Option<ServerFrame>,
+    ) -> Option<ServerFrame> {
+        match self.subscriptions.get(channel) {
+            Some(active) => f(&active.subscription),
+            None => Some(error(
+                id,
+                ErrorCode::NotFound,
+                format!("not subscribed to {channel:?}"),
+            )),
+        }
+    }
+
+    fn on_ack(&self, ack: &Ack) -> Option<ServerFrame> {
+        let id = ack.id;
+        self.with_subscription(id, &ack.channel, |sub| {
+            let result = {
+                let mut state = sub.consumer.lock();
+                match (&ack.seqs, ack.upto) {
+                    (Some(seqs), None) => state.ack(sub.id, seqs).map(|()| seqs.len()),
+                    (None, Some(upto)) => state.ack_upto(sub.id, upto),
+                    _ => {
+                        return Some(error(
+                            id,
+                            ErrorCode::BadRequest,
+                            "ack takes `seqs` or `upto`, exactly one",
+                        ));
+                    }
+                }
+            };
+            match result {
+                Ok(count) => {
+                    metrics::MESSAGES_ACKED.inc_by(u64::try_from(count).unwrap_or(0));
+                    sub.consumer.wake();
+                    None
+                }
+                Err(e) => Some(error(id, ErrorCode::BadRequest, e.to_string())),
+            }
+        })
+    }
+
+    fn on_nack(&self, nack: &Nack) -> Option<ServerFrame> {
+        let id = nack.id;
+        self.with_subscription(id, &nack.channel, |sub| {
+            let result = sub.consumer.lock().release(sub.id, nack.seq);
+            match result {
+                Ok(()) => {
+                    sub.consumer.wake();
+                    None
+                }
+                Err(e) => Some(error(id, ErrorCode::BadRequest, e.to_string())),
+            }
+        })
+    }
+
+    async fn teardown(mut self) {
+        for (_, active) in std::mem::take(&mut self.subscriptions) {
+            stop(active, &self.broker).await;
+        }
+    }
+}
+
+/// Stops a subscription's pump, then detaches it from its consumer.
+async fn stop(active: Active, broker: &Broker) {
+    active.cancel.cancel();
+    let _ = active.pump.await;
+    broker.unsubscribe(&active.subscription).await;
+}
+
+fn request_id(frame: &ClientFrame) -> Option<u64> {
+    match frame {
+        ClientFrame::Connect(_) => None,
+        ClientFrame::Publish(p) => Some(p.id),
+        ClientFrame::Subscribe(s) => Some(s.id),
+        ClientFrame::Unsubscribe(r) | ClientFrame::Presence(r) => Some(r.id),
+        ClientFrame::Ack(a) => a.id,
+        ClientFrame::Nack(n) => n.id,
+        ClientFrame::Progress(p) => p.id,
+        ClientFrame::Term(t) => t.id,
+        ClientFrame::Refresh(r) => Some(r.id),
+        ClientFrame::Ping(p) => Some(p.id),
+    }
+}

@@ -1,0 +1,481 @@
+//! Durable state on sled 0.34.7: channel logs, channel heads, consumers.
+//!
+//! Nothing outside this module touches sled. Layout (all integers big-endian):
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `channels` | channel name | [`ChannelRecord`] |
+//! | `log` | channel id ‖ seq | [`MessageRecord`] |
+//! | `heads` | channel id ‖ 0 | [`HeadRecord`] (written by the channel writer) |
+//! | `heads` | channel id ‖ 1 | [`TailRecord`] (written by the retention sweep) |
+//! | `consumers` | channel id ‖ consumer key | [`ConsumerRecord`] |
+//!
+//! Invariants: seq 0 is never a message; a channel's log holds a contiguous
+//! range `first_seq..=last_seq` (retention only removes a prefix); the head
+//! record is written after the messages it counts, so after a crash the last
+//! seq is `max(head.last_seq, last key in the log)`.
+//!
+//! Durability: sled 0.34's own `flush` syncs with `sync_file_range`, which
+//! does not reach the disk's cache, so [`Store::flush_durable`] adds an
+//! fdatasync of sled's data file. Only one thread may flush (concurrent
+//! `flush_async` deadlocks in 0.34.7), which the channel writer guarantees.
+
+use std::fs::File;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::Headers;
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("storage I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("corrupt record in {tree}: {message}")]
+    Corrupt { tree: &'static str, message: String },
+}
+
+/// A channel as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelRecord {
+    pub id: u64,
+    pub epoch: String,
+    pub created_ms: u64,
+}
+
+/// One stored message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageRecord {
+    pub ts: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Headers>,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+impl MessageRecord {
+    /// Bytes this message counts against `max_bytes`.
+    pub fn size(&self) -> u64 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .flatten()
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        u64::try_from(self.data.len() + headers).unwrap_or(u64::MAX)
+    }
+}
+
+/// What the writer knows of a channel's head.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadRecord {
+    pub last_seq: u64,
+    /// Bytes of every message ever appended.
+    pub appended_bytes: u64,
+}
+
+/// What the retention sweep removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TailRecord {
+    /// Bytes of every message removed by retention.
+    pub trimmed_bytes: u64,
+}
+
+/// A durable consumer's acknowledgement state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerRecord {
+    /// Every seq ≤ floor is acked.
+    pub floor: u64,
+    /// Acked seqs above the floor.
+    pub acked: Vec<u64>,
+    /// Delivery counts of delivered, unacked seqs.
+    pub attempts: Vec<(u64, u32)>,
+}
+
+/// A channel loaded at start-up.
+#[derive(Debug, Clone)]
+pub struct LoadedChannel {
+    pub name: String,
+    pub record: ChannelRecord,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub bytes: u64,
+}
+
+/// The sled database and its trees.
+pub struct Store {
+    db: sled::Db,
+    channels: sled::Tree,
+    log: sled::Tree,
+    heads: sled::Tree,
+    consumers: sled::Tree,
+    /// sled's data file, kept open to fdatasync it after each flush.
+    data_file: File,
+}
+
+const HEAD: u64 = 0;
+const TAIL: u64 = 1;
+
+fn key(channel: u64, seq: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&channel.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn seq_of(key: &[u8]) -> Option<u64> {
+    key.get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+}
+
+fn consumer_key(channel: u64, name: &str) -> Vec<u8> {
+    let mut k = channel.to_be_bytes().to_vec();
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Our own records always serialize; a failure here is a bug, not input.
+    rmp_serde::to_vec_named(value).unwrap_or_default()
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(tree: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        tree,
+        message: e.to_string(),
+    })
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(None)
+            .open()?;
+        let data_file = File::open(dir.join("db"))?;
+        Ok(Self {
+            channels: db.open_tree("channels")?,
+            log: db.open_tree("log")?,
+            heads: db.open_tree("heads")?,
+            consumers: db.open_tree("consumers")?,
+            db,
+            data_file,
+        })
+    }
+
+    /// Makes every write so far durable: sled flush, then fdatasync.
+    pub fn flush_durable(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        self.data_file.sync_data()?;
+        Ok(())
+    }
+
+    /// Every stored channel with its seq range and size.
+    pub fn load_channels(&self) -> Result<Vec<LoadedChannel>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.channels.iter() {
+            let (name, value) = entry?;
+            let record: ChannelRecord = decode("channels", &value)?;
+            let head: HeadRecord = match self.heads.get(key(record.id, HEAD))? {
+                Some(v) => decode("heads", &v)?,
+                None => HeadRecord::default(),
+            };
+            let tail: TailRecord = match self.heads.get(key(record.id, TAIL))? {
+                Some(v) => decode("heads", &v)?,
+                None => TailRecord::default(),
+            };
+            let range = self.log.range(key(record.id, 1)..=key(record.id, u64::MAX));
+            let mut range = range;
+            let first_key = range.next().transpose()?.and_then(|(k, _)| seq_of(&k));
+            let last_key = range
+                .next_back()
+                .transpose()?
+                .and_then(|(k, _)| seq_of(&k))
+                .or(first_key);
+            let last_seq = head.last_seq.max(last_key.unwrap_or(0));
+            out.push(LoadedChannel {
+                name: String::from_utf8_lossy(&name).into_owned(),
+                first_seq: first_key.unwrap_or(last_seq + 1),
+                last_seq,
+                bytes: head.appended_bytes.saturating_sub(tail.trimmed_bytes),
+                record,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The highest channel id in use.
+    pub fn max_channel_id(&self) -> Result<u64, StoreError> {
+        let mut max = 0;
+        for entry in self.channels.iter() {
+            let (_, value) = entry?;
+            max = max.max(decode::<ChannelRecord>("channels", &value)?.id);
+        }
+        Ok(max)
+    }
+
+    /// Records a new channel (durable with the next flush).
+    pub fn put_channel(&self, name: &str, record: &ChannelRecord) -> Result<(), StoreError> {
+        self.channels.insert(name.as_bytes(), encode(record))?;
+        Ok(())
+    }
+
+    /// Appends one message and moves the head (durable with the next flush).
+    pub fn append(
+        &self,
+        channel: u64,
+        seq: u64,
+        record: &MessageRecord,
+        head: &HeadRecord,
+    ) -> Result<(), StoreError> {
+        self.log.insert(key(channel, seq), encode(record))?;
+        self.heads.insert(key(channel, HEAD), encode(head))?;
+        Ok(())
+    }
+
+    /// Messages `from..=to` that are still stored, at most `limit`.
+    pub fn read_range(
+        &self,
+        channel: u64,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, MessageRecord)>, StoreError> {
+        let mut out = Vec::new();
+        if from > to {
+            return Ok(out);
+        }
+        for entry in self
+            .log
+            .range(key(channel, from)..=key(channel, to))
+            .take(limit)
+        {
+            let (k, v) = entry?;
+            if let Some(seq) = seq_of(&k) {
+                out.push((seq, decode("log", &v)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest messages with a `msg_id`, published at or after `since_ms`
+    /// (newest first), at most `limit`: the dedup table after a restart.
+    pub fn recent_msg_ids(
+        &self,
+        channel: u64,
+        since_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self
+            .log
+            .range(key(channel, 1)..=key(channel, u64::MAX))
+            .rev()
+        {
+            let (k, v) = entry?;
+            let record: MessageRecord = decode("log", &v)?;
+            if record.ts < since_ms || out.len() >= limit {
+                break;
+            }
+            if let (Some(id), Some(seq)) = (record.msg_id, seq_of(&k)) {
+                out.push((id, seq, record.ts));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the oldest messages of a channel while `keep(seq, record)` says
+    /// no, stopping at the first one to keep or at `last_seq`. Returns the new
+    /// first seq and the bytes removed.
+    pub fn trim(
+        &self,
+        channel: u64,
+        last_seq: u64,
+        mut drop: impl FnMut(u64, &MessageRecord) -> bool,
+    ) -> Result<(u64, u64), StoreError> {
+        let mut removed = 0u64;
+        let mut first = None;
+        for entry in self.log.range(key(channel, 1)..=key(channel, last_seq)) {
+            let (k, v) = entry?;
+            let Some(seq) = seq_of(&k) else { continue };
+            let record: MessageRecord = decode("log", &v)?;
+            if !drop(seq, &record) {
+                first = Some(seq);
+                break;
+            }
+            self.log.remove(k)?;
+            removed += record.size();
+        }
+        if removed > 0 {
+            let mut tail: TailRecord = match self.heads.get(key(channel, TAIL))? {
+                Some(v) => decode("heads", &v)?,
+                None => TailRecord::default(),
+            };
+            tail.trimmed_bytes += removed;
+            self.heads.insert(key(channel, TAIL), encode(&tail))?;
+        }
+        Ok((first.unwrap_or(last_seq + 1), removed))
+    }
+
+    /// A durable consumer's state, if it exists.
+    pub fn load_consumer(
+        &self,
+        channel: u64,
+        name: &str,
+    ) -> Result<Option<ConsumerRecord>, StoreError> {
+        self.consumers
+            .get(consumer_key(channel, name))?
+            .map(|v| decode("consumers", &v))
+            .transpose()
+    }
+
+    /// Saves a durable consumer's state (durable with the next flush).
+    pub fn save_consumer(
+        &self,
+        channel: u64,
+        name: &str,
+        record: &ConsumerRecord,
+    ) -> Result<(), StoreError> {
+        self.consumers
+            .insert(consumer_key(channel, name), encode(record))?;
+        Ok(())
+    }
+
+    /// Bytes sled uses on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(ts: u64, msg_id: Option<&str>, data: &[u8]) -> MessageRecord {
+        MessageRecord {
+            ts,
+            msg_id: msg_id.map(str::to_owned),
+            headers: None,
+            data: data.to_vec(),
+        }
+    }
+
+    #[test]
+    fn log_survives_reopen_with_head_and_range() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            let ch = ChannelRecord {
+                id: 7,
+                epoch: "e1".into(),
+                created_ms: 1,
+            };
+            store.put_channel("chat:a", &ch).unwrap();
+            for seq in 1..=5u64 {
+                let head = HeadRecord {
+                    last_seq: seq,
+                    appended_bytes: seq * 3,
+                };
+                store
+                    .append(7, seq, &record(seq, None, b"abc"), &head)
+                    .unwrap();
+            }
+            store.flush_durable().unwrap();
+        }
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let channels = store.load_channels().unwrap();
+        assert_eq!(channels.len(), 1);
+        assert_eq!(
+            (
+                channels[0].first_seq,
+                channels[0].last_seq,
+                channels[0].bytes
+            ),
+            (1, 5, 15)
+        );
+        let range = store.read_range(7, 2, 4, 100).unwrap();
+        assert_eq!(
+            range.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+        assert_eq!(store.max_channel_id().unwrap(), 7);
+    }
+
+    #[test]
+    fn trim_removes_a_prefix_and_counts_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        store
+            .put_channel(
+                "c",
+                &ChannelRecord {
+                    id: 1,
+                    epoch: "e".into(),
+                    created_ms: 0,
+                },
+            )
+            .unwrap();
+        for seq in 1..=10u64 {
+            let head = HeadRecord {
+                last_seq: seq,
+                appended_bytes: seq * 2,
+            };
+            store
+                .append(1, seq, &record(seq, None, b"xy"), &head)
+                .unwrap();
+        }
+        let (first, removed) = store.trim(1, 10, |seq, _| seq <= 4).unwrap();
+        assert_eq!((first, removed), (5, 8));
+        let loaded = store.load_channels().unwrap();
+        assert_eq!(
+            (loaded[0].first_seq, loaded[0].last_seq, loaded[0].bytes),
+            (5, 10, 12)
+        );
+        let (first, _) = store.trim(1, 10, |_, _| true).unwrap();
+        assert_eq!(first, 11, "an empty log starts after the last seq");
+    }
+
+    #[test]
+    fn recent_msg_ids_stop_at_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        for seq in 1..=5u64 {
+            let id = format!("m{seq}");
+            let head = HeadRecord {
+                last_seq: seq,
+                appended_bytes: 0,
+            };
+            store
+                .append(3, seq, &record(seq * 100, Some(&id), b""), &head)
+                .unwrap();
+        }
+        let ids = store.recent_msg_ids(3, 300, 100).unwrap();
+        assert_eq!(
+            ids.iter().map(|(_, s, _)| *s).collect::<Vec<_>>(),
+            vec![5, 4, 3]
+        );
+    }
+
+    #[test]
+    fn consumers_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let rec = ConsumerRecord {
+            floor: 4,
+            acked: vec![6, 9],
+            attempts: vec![(5, 2)],
+        };
+        store.save_consumer(1, "c/alice", &rec).unwrap();
+        assert_eq!(store.load_consumer(1, "c/alice").unwrap(), Some(rec));
+        assert_eq!(store.load_consumer(1, "c/bob").unwrap(), None);
+    }
+}

@@ -1,0 +1,308 @@
+//! WebSocket: the upgrade on the public listener, then two halves per
+//! connection: the reader turns WebSocket messages into [`Inbound`] events
+//! for the session; the writer encodes the session's [`Outgoing`] frames,
+//! batches them into one flush, and sends heartbeat pings.
+//!
+//! The upgrade is done by hand on axum's router (axum's own `ws` feature
+//! would pull a second tungstenite), so the checks tungstenite's handshake
+//! would make are made here: method, `Upgrade`, version 13, key format.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use futures_util::SinkExt;
+use futures_util::stream::{self, SplitSink, SplitStream, Stream, StreamExt};
+use hyper_util::rt::TokioIo;
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::CapacityError;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use super::{AppState, json_error};
+use crate::metrics;
+use crate::protocol::{Codec, ErrorCode, close, decode_client, encode_server};
+use crate::session::{ConnectionInfo, Inbound, Outgoing, Session};
+
+type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Most frames written before one flush.
+const WRITE_BATCH: usize = 256;
+
+/// Read buffer per connection; small so idle connections stay cheap.
+const READ_BUFFER: usize = 4 * 1024;
+
+/// `GET /ws`: checks the upgrade request, negotiates the codec, and hands
+/// the upgraded socket to a session.
+pub async fn upgrade(
+    State(app): State<Arc<AppState>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    mut request: Request,
+) -> Response {
+    let headers = request.headers();
+    let has = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|v| v.trim().eq_ignore_ascii_case(token))
+    };
+    if !has(header::UPGRADE, "websocket") || !has(header::CONNECTION, "upgrade") {
+        return json_error(
+            StatusCode::UPGRADE_REQUIRED,
+            ErrorCode::BadRequest,
+            "this endpoint speaks WebSocket: send an Upgrade: websocket request",
+        );
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .and_then(|v| v.to_str().ok())
+        != Some("13")
+    {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            "Sec-WebSocket-Version must be 13",
+        );
+    }
+    let Some(key) = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|k| valid_key(k.as_bytes()))
+        .cloned()
+    else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            "Sec-WebSocket-Key must be 16 bytes in base64",
+        );
+    };
+    let offer = headers
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .map(|v| v.to_str().unwrap_or("\u{0}"));
+    let chosen = match Codec::negotiate(offer) {
+        Ok(chosen) => chosen,
+        Err(message) => {
+            return json_error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &message);
+        }
+    };
+    let Ok(permit) = Arc::clone(&app.connections).try_acquire_owned() else {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "the server is at max_connections; retry later",
+        );
+    };
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let codec = chosen.unwrap_or(Codec::Json);
+    let config = ws_config(app.broker.config().server.max_frame);
+    let task_app = Arc::clone(&app);
+    app.tracker.spawn(async move {
+        let _permit = permit;
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        serve_socket(task_app, socket, codec, remote).await;
+    });
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let out: &mut HeaderMap = response.headers_mut();
+    out.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    out.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        out.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if let Some(codec) = chosen {
+        out.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(codec.subprotocol()),
+        );
+    }
+    response.into_response()
+}
+
+fn valid_key(key: &[u8]) -> bool {
+    base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .is_ok_and(|k| k.len() == 16)
+}
+
+/// Limits tied to `max_frame`, never tungstenite's 64 MiB defaults. Frames
+/// up to twice `max_frame` are read so the session can answer `too_large`;
+/// larger ones end the connection with 1009.
+fn ws_config(max_frame: u64) -> WebSocketConfig {
+    let hard = usize::try_from(max_frame.saturating_mul(2)).unwrap_or(usize::MAX);
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(16 * 1024)
+        .max_write_buffer_size(hard.saturating_add(64 * 1024))
+        .max_message_size(Some(hard))
+        .max_frame_size(Some(hard))
+}
+
+async fn serve_socket(app: Arc<AppState>, socket: Socket, codec: Codec, remote: SocketAddr) {
+    metrics::CONNECTIONS.inc();
+    metrics::CONNECTIONS_OPENED.inc();
+    let server = &app.broker.config().server;
+    let (sink, stream) = socket.split();
+    let (out_tx, out_rx) = mpsc::channel(server.outbound_buffer);
+    let writer = tokio::spawn(write_loop(sink, out_rx, codec, server.heartbeat));
+    let info = ConnectionInfo {
+        conn_id: format!("c{}", app.broker.next_id()),
+        remote: Some(remote),
+        transport: "ws",
+    };
+    let inbound = Box::pin(inbound(stream, codec, server.max_frame, server.heartbeat));
+    Session::new(Arc::clone(&app.broker), info, out_tx)
+        .run(inbound, app.shutdown.clone())
+        .await;
+    let _ = writer.await;
+    metrics::CONNECTIONS.dec();
+}
+
+/// The socket's messages as session events; ends when the peer closes.
+/// A peer silent for two heartbeats gets [`Inbound::Fatal`] with 1001.
+fn inbound(
+    stream: SplitStream<Socket>,
+    codec: Codec,
+    max_frame: u64,
+    heartbeat: Duration,
+) -> impl Stream<Item = Inbound> {
+    let limit = usize::try_from(max_frame).unwrap_or(usize::MAX);
+    stream::unfold(Some(stream), move |state| async move {
+        let mut stream = state?;
+        loop {
+            let next = match tokio::time::timeout(heartbeat * 2, stream.next()).await {
+                Err(_) => {
+                    let fatal = Inbound::Fatal {
+                        code: close::GOING_AWAY,
+                        reason: "no traffic for two heartbeats".into(),
+                    };
+                    return Some((fatal, None));
+                }
+                Ok(next) => next?,
+            };
+            let event = match next {
+                Ok(Message::Text(text)) => frame_event(codec, Codec::Json, text.as_bytes(), limit),
+                Ok(Message::Binary(bytes)) => frame_event(codec, Codec::MsgPack, &bytes, limit),
+                Ok(Message::Close(_)) => return None,
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
+                Err(WsError::Capacity(CapacityError::MessageTooLong { size, .. })) => {
+                    let fatal = Inbound::Fatal {
+                        code: close::MESSAGE_TOO_BIG,
+                        reason: format!("frame of {size} bytes is far over max_frame"),
+                    };
+                    return Some((fatal, None));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "websocket read ended");
+                    return None;
+                }
+            };
+            return Some((event, Some(stream)));
+        }
+    })
+}
+
+fn frame_event(codec: Codec, arrived_as: Codec, bytes: &[u8], limit: usize) -> Inbound {
+    if bytes.len() > limit {
+        return Inbound::TooLarge(bytes.len());
+    }
+    if codec != arrived_as {
+        return Inbound::WrongKind(match codec {
+            Codec::Json => "this connection speaks courier.v1.json: send text frames",
+            Codec::MsgPack => "this connection speaks courier.v1.msgpack: send binary frames",
+        });
+    }
+    Inbound::Frame(decode_client(codec, bytes))
+}
+
+/// Encodes and writes the session's frames, many per flush; pings every
+/// heartbeat. Ends on a close, when the session is gone, or on a write error.
+async fn write_loop(
+    mut sink: SplitSink<Socket, Message>,
+    mut frames: mpsc::Receiver<Outgoing>,
+    codec: Codec,
+    heartbeat: Duration,
+) {
+    let mut ping = tokio::time::interval(heartbeat);
+    ping.reset();
+    let deadline = heartbeat * 2;
+    loop {
+        let first = tokio::select! {
+            biased;
+            first = frames.recv() => first,
+            _ = ping.tick() => {
+                if !matches!(tokio::time::timeout(deadline, sink.send(Message::Ping(Default::default()))).await, Ok(Ok(()))) {
+                    return;
+                }
+                continue;
+            }
+        };
+        let Some(first) = first else {
+            let _ = tokio::time::timeout(deadline, sink.close()).await;
+            return;
+        };
+        let mut next = Some(first);
+        let mut written = 0;
+        while let Some(outgoing) = next.take() {
+            let message = match outgoing {
+                Outgoing::Frame(frame) => match encode_server(codec, &frame) {
+                    Ok(bytes) => match codec {
+                        Codec::MsgPack => Message::Binary(bytes.into()),
+                        Codec::Json => match String::from_utf8(bytes) {
+                            Ok(text) => Message::Text(text.into()),
+                            Err(_) => continue,
+                        },
+                    },
+                    Err(e) => {
+                        tracing::error!(error = %e, frame = frame.kind(), "cannot encode frame");
+                        continue;
+                    }
+                },
+                Outgoing::Close { code, reason } => {
+                    let frame = CloseFrame {
+                        code: code.into(),
+                        reason: reason.into(),
+                    };
+                    let _ = tokio::time::timeout(deadline, sink.send(Message::Close(Some(frame))))
+                        .await;
+                    // Read side ends when the peer answers the close; drop the rest.
+                    frames.close();
+                    return;
+                }
+            };
+            if !matches!(
+                tokio::time::timeout(deadline, sink.feed(message)).await,
+                Ok(Ok(()))
+            ) {
+                return;
+            }
+            written += 1;
+            if written < WRITE_BATCH {
+                next = frames.try_recv().ok();
+            }
+        }
+        if !matches!(
+            tokio::time::timeout(deadline, sink.flush()).await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! Test harness: a real broker on 127.0.0.1:0 with a temp data dir
+//! ([`TestBroker`], in-process; [`ChildBroker`], the real binary), and a
+//! real WebSocket client speaking either codec ([`Client`]).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use courier::config::Config;
+use courier::protocol::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single wait in a test may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Both codecs, for tests that run over each.
+pub const CODECS: [Codec; 2] = [Codec::Json, Codec::MsgPack];
+
+/// A broker running in this process.
+pub struct TestBroker {
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), courier::server::ServerError>>>,
+    config: Config,
+}
+
+impl TestBroker {
+    /// Starts with default settings in a fresh temp dir.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with settings changed by `configure`.
+    pub async fn start_with(configure: impl FnOnce(&mut Config)) -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let mut config = Config::default();
+        config.server.data_dir = temp.path().join("data");
+        configure(&mut config);
+        Self::launch(config, Some(temp)).await
+    }
+
+    async fn launch(config: Config, temp: Option<tempfile::TempDir>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let run_config = config.clone();
+        let task = tokio::spawn(async move {
+            courier::server::run(run_config, listener, async move {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        // The listener is bound, so connections queue until the server is up.
+        Self {
+            addr,
+            dir: config.server.data_dir.clone(),
+            _temp: temp,
+            stop: Some(stop),
+            task: Some(task),
+            config,
+        }
+    }
+
+    /// `ws://` URL of the broker.
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Shuts down gracefully and waits until the server has stopped.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(WAIT, task)
+                .await
+                .expect("server stops in time");
+            result.expect("server task").expect("server exits cleanly");
+        }
+    }
+
+    /// Stops and starts again on the same data dir (on a new port).
+    pub async fn restart(mut self) -> Self {
+        self.stop().await;
+        let temp = self._temp.take();
+        Self::launch(self.config.clone(), temp).await
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The real `courier` binary as a child process.
+pub struct ChildBroker {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ChildBroker {
+    /// Runs `courier serve` with `config_toml` written to `dir/courier.toml`.
+    pub fn start(dir: &Path, config_toml: &str) -> Self {
+        let config = dir.join("courier.toml");
+        std::fs::write(&config, config_toml).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn courier");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent && let Some(rest) = line.split("addr=").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
+                    let _ = tx.send(addr);
+                    sent = true;
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(WAIT)
+            .expect("courier prints its address")
+            .parse()
+            .expect("address parses");
+        Self { child, addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChildBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A WebSocket client speaking one codec.
+pub struct Client {
+    pub ws: Socket,
+    pub codec: Codec,
+    next_id: u64,
+    /// Frames read while waiting for something else.
+    pub backlog: std::collections::VecDeque<ServerFrame>,
+}
+
+/// Opens a WebSocket offering `codec`'s subprotocol (none for `None`).
+pub async fn open(url: &str, codec: Option<Codec>) -> Socket {
+    let mut request = url.into_client_request().expect("request");
+    if let Some(codec) = codec {
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            codec.subprotocol().parse().expect("header"),
+        );
+    }
+    let (ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("connect in time")
+        .expect("websocket handshake");
+    if let Some(codec) = codec {
+        let chosen = response
+            .headers()
+            .get("Sec-WebSocket-Protocol")
+            .and_then(|v| v.to_str().ok());
+        assert_eq!(chosen, Some(codec.subprotocol()));
+    }
+    ws
+}
+
+impl Client {
+    /// Connects and completes the `connect`/`connected` exchange.
+    pub async fn connect(url: &str, codec: Codec) -> Self {
+        Self::connect_with(url, codec, Connect::default()).await.0
+    }
+
+    /// Connects with a given `connect` frame; returns the `connected` reply.
+    pub async fn connect_with(url: &str, codec: Codec, connect: Connect) -> (Self, Connected) {
+        let ws = open(url, Some(codec)).await;
+        let mut client = Self {
+            ws,
+            codec,
+            next_id: 1,
+            backlog: Default::default(),
+        };
+        client.send(&ClientFrame::Connect(connect)).await;
+        match client.recv().await {
+            ServerFrame::Connected(connected) => (client, connected),
+            other => panic!("expected connected, got {other:?}"),
+        }
+    }
+
+    pub fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    pub async fn send(&mut self, frame: &ClientFrame) {
+        let bytes = encode_client(self.codec, frame).expect("encode");
+        self.send_raw(bytes).await;
+    }
+
+    /// Sends bytes as the frame kind of this client's codec.
+    pub async fn send_raw(&mut self, bytes: Vec<u8>) {
+        let message = match self.codec {
+            Codec::MsgPack => Message::Binary(bytes.into()),
+            Codec::Json => Message::Text(String::from_utf8(bytes).expect("utf8").into()),
+        };
+        self.ws.send(message).await.expect("send");
+    }
+
+    /// The next server frame (from the backlog first).
+    pub async fn recv(&mut self) -> ServerFrame {
+        if let Some(frame) = self.backlog.pop_front() {
+            return frame;
+        }
+        self.recv_socket().await
+    }
+
+    async fn recv_socket(&mut self) -> ServerFrame {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame in time")
+                .expect("socket open")
+                .expect("socket ok");
+            let bytes = match message {
+                Message::Text(text) => text.as_bytes().to_vec(),
+                Message::Binary(bytes) => bytes.to_vec(),
+                Message::Close(frame) => panic!("closed by server: {frame:?}"),
+                _ => continue,
+            };
+            return decode_server(self.codec, &bytes).expect("server frame decodes");
+        }
+    }
+
+    /// Waits for the close frame; returns its code.
+    pub async fn expect_close(&mut self) -> u16 {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("close in time");
+            match message {
+                Some(Ok(Message::Close(Some(CloseFrame { code, .. })))) => return code.into(),
+                Some(Ok(Message::Close(None))) | None | Some(Err(_)) => return 1005,
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Waits for a frame matching `pick`, keeping the others for later.
+    pub async fn wait_for<T>(&mut self, mut pick: impl FnMut(&ServerFrame) -> Option<T>) -> T {
+        if let Some(i) = self.backlog.iter().position(|f| pick(f).is_some()) {
+            let frame = self.backlog.remove(i).expect("present");
+            return pick(&frame).expect("matched");
+        }
+        loop {
+            let frame = self.recv_socket().await;
+            if let Some(found) = pick(&frame) {
+                return found;
+            }
+            self.backlog.push_back(frame);
+        }
+    }
+
+    /// Publishes and waits for the puback; returns the seq.
+    pub async fn publish(&mut self, channel: &str, data: &[u8]) -> u64 {
+        self.publish_with(channel, data, None).await
+    }
+
+    pub async fn publish_with(&mut self, channel: &str, data: &[u8], msg_id: Option<&str>) -> u64 {
+        let id = self.id();
+        self.send(&ClientFrame::Publish(Publish {
+            id,
+            channel: channel.into(),
+            data: Some(Payload(data.to_vec().into())),
+            msg_id: msg_id.map(str::to_owned),
+            ..Publish::default()
+        }))
+        .await;
+        self.wait_for(|f| match f {
+            ServerFrame::Puback(p) if p.id == id => Some(p.seq),
+            ServerFrame::Error(e) if e.id == Some(id) => panic!("publish failed: {e:?}"),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Subscribes and waits for `subscribed`.
+    pub async fn subscribe(&mut self, mut subscribe: Subscribe) -> Subscribed {
+        let id = self.id();
+        subscribe.id = id;
+        self.send(&ClientFrame::Subscribe(subscribe)).await;
+        self.wait_for(|f| match f {
+            ServerFrame::Subscribed(s) if s.id == id => Some(s.clone()),
+            ServerFrame::Error(e) if e.id == Some(id) => panic!("subscribe failed: {e:?}"),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The next `n` deliveries (`msg` or `msgs` items) as `(seq, payload, attempt)`.
+    pub async fn deliveries(&mut self, n: usize) -> Vec<(u64, Vec<u8>, u32)> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let batch = self
+                .wait_for(|f| match f {
+                    ServerFrame::Msg(m) => Some(vec![(m.seq, m.payload().to_vec(), m.attempt)]),
+                    ServerFrame::Msgs(m) => Some(
+                        m.items
+                            .iter()
+                            .map(|i| (i.seq, i.payload().to_vec(), i.attempt))
+                            .collect(),
+                    ),
+                    _ => None,
+                })
+                .await;
+            out.extend(batch);
+        }
+        out
+    }
+
+    /// Asserts that no delivery arrives within `quiet`.
+    pub async fn expect_no_delivery(&mut self, quiet: Duration) {
+        let got = tokio::time::timeout(quiet, async {
+            loop {
+                let frame = self.recv_socket().await;
+                if matches!(frame, ServerFrame::Msg(_) | ServerFrame::Msgs(_)) {
+                    return frame;
+                }
+            }
+        })
+        .await;
+        if let Ok(frame) = got {
+            panic!("expected no delivery, got {frame:?}");
+        }
+    }
+
+    pub async fn ack(&mut self, channel: &str, seqs: Vec<u64>) {
+        self.send(&ClientFrame::Ack(Ack {
+            id: None,
+            channel: channel.into(),
+            seqs: Some(seqs),
+            upto: None,
+        }))
+        .await;
+    }
+
+    /// A ping round trip: everything sent before it was processed.
+    pub async fn sync(&mut self) {
+        let id = self.id();
+        self.send(&ClientFrame::Ping(IdOnly { id })).await;
+        self.wait_for(|f| matches!(f, ServerFrame::Pong(p) if p.id == id).then_some(()))
+            .await;
+    }
+
+    /// The next `error` frame.
+    pub async fn error(&mut self) -> ErrorFrame {
+        self.wait_for(|f| match f {
+            ServerFrame::Error(e) => Some(e.clone()),
+            _ => None,
+        })
+        .await
+    }
+}
+
+/// A subscribe request for `channel` with everything else default.
+pub fn sub(channel: &str) -> Subscribe {
+    Subscribe {
+        channel: channel.into(),
+        ..Subscribe::default()
+    }
+}
