@@ -171,10 +171,27 @@ impl<'de> Deserialize<'de> for LenientId {
     }
 }
 
+/// Deserializes, naming the field at fault (`since: invalid type …`).
 fn from_bytes<T: DeserializeOwned>(codec: Codec, bytes: &[u8]) -> Result<T, String> {
+    fn located<E: fmt::Display>(e: serde_path_to_error::Error<E>) -> String {
+        let path = e.path().to_string();
+        if path == "." {
+            e.into_inner().to_string()
+        } else {
+            format!("{path}: {}", e.into_inner())
+        }
+    }
     match codec {
-        Codec::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
-        Codec::MsgPack => rmp_serde::from_slice(bytes).map_err(|e| e.to_string()),
+        Codec::Json => {
+            let mut de = serde_json::Deserializer::from_slice(bytes);
+            let value = serde_path_to_error::deserialize(&mut de).map_err(located)?;
+            de.end().map_err(|e| e.to_string())?;
+            Ok(value)
+        }
+        Codec::MsgPack => {
+            let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+            serde_path_to_error::deserialize(&mut de).map_err(located)
+        }
     }
 }
 

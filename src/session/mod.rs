@@ -144,14 +144,16 @@ impl Session {
 
     /// Runs the session until the client leaves, the protocol breaks, or
     /// `shutdown` fires (then clients are told 4010: reconnect).
-    pub async fn run<S>(mut self, mut incoming: S, shutdown: CancellationToken)
+    /// `incoming` is borrowed so the transport can finish the closing
+    /// handshake after the session ends.
+    pub async fn run<S>(mut self, incoming: &mut S, shutdown: CancellationToken)
     where
         S: Stream<Item = Inbound> + Unpin,
     {
         let span = tracing::info_span!("connection", conn_id = %self.info.conn_id, transport = self.info.transport);
         async move {
-            if self.handshake(&mut incoming, &shutdown).await.is_ok() {
-                let _ = self.serve(&mut incoming, &shutdown).await;
+            if self.handshake(incoming, &shutdown).await.is_ok() {
+                let _ = self.serve(incoming, &shutdown).await;
             }
             self.teardown().await;
         }
@@ -311,18 +313,17 @@ impl Session {
                 let id = progress.id;
                 self.with_subscription(id, &progress.channel, |sub| {
                     let state = sub.consumer.lock();
-                    match progress
+                    progress
                         .seqs
                         .iter()
                         .find(|s| !state.is_in_flight(sub.id, **s))
-                    {
-                        Some(seq) => Some(error(
-                            id,
-                            ErrorCode::BadRequest,
-                            format!("seq {seq} is not in flight on this subscription"),
-                        )),
-                        None => None,
-                    }
+                        .map(|seq| {
+                            error(
+                                id,
+                                ErrorCode::BadRequest,
+                                format!("seq {seq} is not in flight on this subscription"),
+                            )
+                        })
                 })
             }
             ClientFrame::Term(term) => Some(error(

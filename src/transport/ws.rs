@@ -37,6 +37,9 @@ type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 /// Most frames written before one flush.
 const WRITE_BATCH: usize = 256;
 
+/// How long a closed connection waits for the peer's close reply.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
 /// Read buffer per connection; small so idle connections stay cheap.
 const READ_BUFFER: usize = 4 * 1024;
 
@@ -167,11 +170,18 @@ async fn serve_socket(app: Arc<AppState>, socket: Socket, codec: Codec, remote: 
         remote: Some(remote),
         transport: "ws",
     };
-    let inbound = Box::pin(inbound(stream, codec, server.max_frame, server.heartbeat));
+    let mut inbound = Box::pin(inbound(stream, codec, server.max_frame, server.heartbeat));
     Session::new(Arc::clone(&app.broker), info, out_tx)
-        .run(inbound, app.shutdown.clone())
+        .run(&mut inbound, app.shutdown.clone())
         .await;
     let _ = writer.await;
+    // Closing handshake: let the peer read our close and answer it before
+    // the socket goes (dropping it at once could reset the connection and
+    // discard the close frame on the client's side).
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while inbound.next().await.is_some() {}
+    })
+    .await;
     metrics::CONNECTIONS.dec();
 }
 

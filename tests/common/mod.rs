@@ -203,6 +203,16 @@ pub async fn open(url: &str, codec: Option<Codec>) -> Socket {
 }
 
 impl Client {
+    /// Wraps an open socket that has not sent `connect`.
+    pub fn raw(ws: Socket, codec: Codec) -> Self {
+        Self {
+            ws,
+            codec,
+            next_id: 1,
+            backlog: Default::default(),
+        }
+    }
+
     /// Connects and completes the `connect`/`connected` exchange.
     pub async fn connect(url: &str, codec: Codec) -> Self {
         Self::connect_with(url, codec, Connect::default()).await.0
