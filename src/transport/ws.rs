@@ -203,7 +203,8 @@ fn inbound(
                         code: close::GOING_AWAY,
                         reason: "no traffic for two heartbeats".into(),
                     };
-                    return Some((fatal, None));
+                    // Keep the stream: the closing handshake still reads it.
+                    return Some((fatal, Some(stream)));
                 }
                 Ok(next) => next?,
             };
