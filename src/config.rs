@@ -211,6 +211,10 @@ pub struct NamespacePolicy {
     pub max_msgs: u64,
     pub max_bytes: u64,
     pub max_age: Duration,
+    /// Seqs one consumer may have waiting for a retry; past it a failure dead-letters.
+    pub max_retries: usize,
+    /// Dead letters kept per channel; past it the oldest are dropped (logged, counted).
+    pub dlq_max: u64,
 }
 
 impl Default for NamespacePolicy {
@@ -225,6 +229,42 @@ impl Default for NamespacePolicy {
             max_msgs: 1_000_000,
             max_bytes: 1 << 30,
             max_age: Duration::from_secs(7 * 24 * 3600),
+            max_retries: 100_000,
+            dlq_max: 100_000,
+        }
+    }
+}
+
+/// Where the retry queue keeps its jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryBackend {
+    /// An apalis backend over the broker's own sled store (millisecond timing).
+    #[default]
+    Sled,
+    /// apalis-redis (whole-second timing; shared by cluster nodes).
+    Redis,
+}
+
+/// `[retry]`: the retry queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryConfig {
+    pub backend: RetryBackend,
+    /// Needed with `backend = "redis"`.
+    pub redis_url: Option<String>,
+    /// Queue name (Redis key prefix).
+    pub queue: String,
+    /// How often the Redis worker looks for due jobs.
+    pub poll_interval: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            backend: RetryBackend::Sled,
+            redis_url: None,
+            queue: "courier:retry".to_owned(),
+            poll_interval: Duration::from_millis(200),
         }
     }
 }
@@ -233,6 +273,7 @@ impl Default for NamespacePolicy {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Config {
     pub server: ServerConfig,
+    pub retry: RetryConfig,
     /// `[namespaces.default]`, merged over the built-in defaults.
     pub default_namespace: NamespacePolicy,
     /// Other namespaces, each merged over `default_namespace`.
@@ -255,6 +296,17 @@ struct FileConfig {
     server: FileServer,
     #[serde(default)]
     namespaces: BTreeMap<String, FileNamespace>,
+    #[serde(default)]
+    retry: FileRetry,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRetry {
+    backend: Option<RetryBackend>,
+    redis_url: Option<String>,
+    queue: Option<String>,
+    poll_interval: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -292,6 +344,8 @@ struct FileNamespace {
     max_msgs: Option<u64>,
     max_bytes: Option<ByteSize>,
     max_age: Option<HumanDuration>,
+    max_retries: Option<usize>,
+    dlq_max: Option<u64>,
 }
 
 /// Replaces `$field` of `$target` with the file's value when it set one.
@@ -312,7 +366,7 @@ impl FileNamespace {
     fn over(&self, base: &NamespacePolicy) -> NamespacePolicy {
         let mut policy = base.clone();
         let source = self.clone();
-        merge!(policy, source, { durable, max_deliver, max_in_flight, max_msgs, max_bytes },
+        merge!(policy, source, { durable, max_deliver, max_in_flight, max_msgs, max_bytes, max_retries, dlq_max },
             { ack_wait, backoff_base, backoff_max, max_age });
         policy
     }
@@ -390,8 +444,13 @@ impl Config {
             .filter(|(name, _)| name.as_str() != "default")
             .map(|(name, ns)| (name.clone(), ns.over(&default_namespace)))
             .collect();
+        let mut retry = RetryConfig::default();
+        let r = file.retry;
+        retry.redis_url = r.redis_url;
+        merge!(retry, r, { backend, queue }, { poll_interval });
         Self {
             server,
+            retry,
             default_namespace,
             namespaces,
         }
@@ -411,6 +470,12 @@ impl Config {
         ];
         if let Some((key, _)) = positive.iter().find(|(_, zero)| *zero) {
             return Err(format!("{key} must be greater than zero"));
+        }
+        if self.retry.backend == RetryBackend::Redis && self.retry.redis_url.is_none() {
+            return Err("retry.backend = \"redis\" needs retry.redis_url".to_owned());
+        }
+        if self.retry.poll_interval.is_zero() {
+            return Err("retry.poll_interval must be greater than zero".to_owned());
         }
         if s.max_frame > 64 << 20 {
             return Err("server.max_frame must be at most 64MiB".to_owned());
@@ -433,6 +498,8 @@ impl Config {
                 ("max_age", ns.max_age.is_zero()),
                 ("ack_wait", ns.ack_wait.is_zero()),
                 ("backoff_base", ns.backoff_base.is_zero()),
+                ("max_retries", ns.max_retries == 0),
+                ("dlq_max", ns.dlq_max == 0),
             ];
             if let Some((key, _)) = checks.iter().find(|(_, zero)| *zero) {
                 return Err(format!("namespaces.{name}.{key} must be greater than zero"));
@@ -542,6 +609,22 @@ durable = false
             .unwrap_err()
             .to_string();
         assert!(err.contains("namespaces.a:b"), "{err}");
+    }
+
+    #[test]
+    fn retry_section() {
+        let config =
+            parse("[retry]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:6379\"\n")
+                .unwrap();
+        assert_eq!(config.retry.backend, RetryBackend::Redis);
+        let err = parse("[retry]\nbackend = \"redis\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("redis_url"), "{err}");
+        let err = parse("[retry]\nbackend = \"kafka\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kafka"), "{err}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! |---|---|
 //! | [`protocol`] | frames, the JSON and MessagePack codecs, error and close codes; pure |
 //! | [`config`] | every setting: file, env, flags |
+//! | [`backoff`] | the pure exponential backoff shared by retries and the SDK |
 //! | [`storage`] | sled: channel logs, heads, consumer state; nothing else imports sled |
 //! | [`delivery`] | consumers: floor, acked set, windows, redelivery order (sans I/O) |
 //! | [`broker`] | channels, the one writer that assigns seqs, group commit, retention |
@@ -14,6 +15,7 @@
 //! | [`server`] | wiring: start, background tasks, graceful shutdown |
 //! | [`metrics`] | every Prometheus metric |
 
+pub mod backoff;
 pub mod broker;
 pub mod config;
 pub mod delivery;

@@ -106,6 +106,27 @@ pub static MESSAGES_ACKED: LazyLock<IntCounter> = LazyLock::new(|| {
         "Seqs acknowledged by consumers",
     )
 });
+pub static MESSAGES_DEAD_LETTERED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "courier_messages_dead_lettered_total",
+        "Messages moved to a dead-letter queue, by reason",
+        &["reason"],
+    )
+});
+pub static DLQ_EVICTED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "courier_dlq_evicted_total",
+        "Dead letters dropped because a channel's DLQ was at dlq_max",
+    )
+});
+pub static RETRIES_SCHEDULED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "courier_retries_scheduled_total",
+        "Failed deliveries scheduled for a retry",
+    )
+});
+pub static RETRIES_FIRED: LazyLock<IntCounter> =
+    LazyLock::new(|| counter("courier_retry_jobs_fired_total", "Retry jobs that fired"));
 pub static PUBLISH_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     histogram(
         "courier_publish_durable_seconds",

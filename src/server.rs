@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, BrokerError, PERSIST_INTERVAL};
-use crate::config::Config;
+use crate::config::{Config, RetryBackend};
+use crate::delivery::retry::RetryQueue;
 use crate::transport::{AppState, public_router};
 
 /// Why the server stopped with an error.
@@ -28,19 +29,90 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
+/// A running broker: its handle for callers in the same process (tests,
+/// the bench command) and the task that serves it.
+pub struct Server {
+    broker: Arc<Broker>,
+    addr: SocketAddr,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), ServerError>>,
+}
+
+impl Server {
+    /// Opens the broker and starts serving `listener`.
+    pub async fn start(config: Config, listener: TcpListener) -> Result<Self, ServerError> {
+        let config = Arc::new(config);
+        let retry = match config.retry.backend {
+            RetryBackend::Sled => None,
+            RetryBackend::Redis => {
+                let url = config.retry.redis_url.as_deref().unwrap_or_default();
+                Some(
+                    RetryQueue::redis(url, &config.retry.queue)
+                        .await
+                        .map_err(|e| BrokerError::Unavailable(e.to_string()))?,
+                )
+            }
+        };
+        let open_config = Arc::clone(&config);
+        let broker = tokio::task::spawn_blocking(move || Broker::open(open_config, retry))
+            .await
+            .map_err(|e| BrokerError::Internal(e.to_string()))??;
+        let addr = listener.local_addr()?;
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(serve(Arc::clone(&broker), listener, cancel.clone()));
+        tracing::info!(%addr, data_dir = %config.server.data_dir.display(), fsync = %config.server.fsync, "courier listening");
+        Ok(Self {
+            broker,
+            addr,
+            cancel,
+            task,
+        })
+    }
+
+    /// The broker, for in-process callers.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// The address the public listener is bound to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Starts a graceful shutdown.
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Waits until the server has stopped.
+    pub async fn wait(self) -> Result<(), ServerError> {
+        self.task
+            .await
+            .map_err(|e| ServerError::Broker(BrokerError::Internal(e.to_string())))?
+    }
+}
+
 /// Runs the broker on `listener` until `shutdown` resolves.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let config = Arc::new(config);
-    let open_config = Arc::clone(&config);
-    let broker = tokio::task::spawn_blocking(move || Broker::open(open_config))
-        .await
-        .map_err(|e| BrokerError::Internal(e.to_string()))??;
-    let addr = listener.local_addr()?;
-    let cancel = CancellationToken::new();
+    let server = Server::start(config, listener).await?;
+    let cancel = server.cancel.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        cancel.cancel();
+    });
+    server.wait().await
+}
+
+async fn serve(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    cancel: CancellationToken,
+) -> Result<(), ServerError> {
+    let config = Arc::clone(broker.config());
     let tracker = TaskTracker::new();
     let state = Arc::new(AppState {
         broker: Arc::clone(&broker),
@@ -49,13 +121,6 @@ pub async fn run(
         connections: Arc::new(Semaphore::new(config.server.max_connections)),
     });
     let background = spawn_background(&broker, &tracker, &cancel);
-    tracing::info!(%addr, data_dir = %config.server.data_dir.display(), fsync = %config.server.fsync, "courier listening");
-
-    let signal_cancel = cancel.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        signal_cancel.cancel();
-    });
     let app = public_router(state).into_make_service_with_connect_info::<SocketAddr>();
     let http_cancel = cancel.clone();
     axum::serve(listener, app)
@@ -114,6 +179,9 @@ fn spawn_background(
             }
         })
     };
+    if let Err(e) = broker.start_retry_worker(cancel.clone()) {
+        tracing::error!(error = %e, "cannot start the retry worker; retries wait for the next subscribe");
+    }
     vec![persist, retention]
 }
 

@@ -138,6 +138,8 @@ pub struct Channel {
     state: Mutex<ChannelState>,
     /// The last visible seq: durable under the fsync policy.
     head: watch::Sender<u64>,
+    /// Dead letters stored for this channel (for the `dlq_max` cap).
+    dead_letters: std::sync::atomic::AtomicU64,
 }
 
 impl Channel {
@@ -147,6 +149,7 @@ impl Channel {
         policy: NamespacePolicy,
         cache_limits: CacheLimits,
         state: ChannelState,
+        dead_letters: u64,
     ) -> Self {
         let (head, _) = watch::channel(state.assigned);
         Self {
@@ -156,7 +159,13 @@ impl Channel {
             cache_limits,
             state: Mutex::new(state),
             head,
+            dead_letters: std::sync::atomic::AtomicU64::new(dead_letters),
         }
+    }
+
+    /// Dead letters stored for this channel.
+    pub fn dead_letters(&self) -> &std::sync::atomic::AtomicU64 {
+        &self.dead_letters
     }
 
     /// The channel's name.

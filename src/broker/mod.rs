@@ -21,10 +21,12 @@ use channel::{CacheLimits, ChannelState, Dedup};
 pub use channel::{Channel, Message};
 use writer::{AppendRequest, WriterRequest};
 
-use crate::config::Config;
-use crate::delivery::{Consumer, ConsumerMode, ConsumerState, SubscriptionId};
+use crate::backoff::Backoff;
+use crate::config::{Config, NamespacePolicy};
+use crate::delivery::retry::{RetryError, RetryJob, RetryQueue};
+use crate::delivery::{Consumer, ConsumerMode, ConsumerState, RetryPolicy, SubscriptionId};
 use crate::protocol::{AckMode, ChannelName, ErrorCode, Headers, StartFrom};
-use crate::storage::{ChannelRecord, HeadRecord, Store, StoreError};
+use crate::storage::{ChannelRecord, DeadLetterRecord, HeadRecord, Store, StoreError};
 
 /// Why a broker operation failed, with the wire error code it maps to.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -121,6 +123,8 @@ pub struct Broker {
     writer: mpsc::Sender<WriterRequest>,
     /// The writer and flusher threads, joined at shutdown.
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Where failed deliveries wait for their retry.
+    retry: RetryQueue,
     next_channel_id: AtomicU64,
     next_id: AtomicU64,
 }
@@ -131,10 +135,16 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Broker {
     /// Opens the store in the configured data dir and starts the writer.
-    /// Blocking: call it off the runtime.
-    pub fn open(config: Arc<Config>) -> Result<Arc<Self>, BrokerError> {
+    /// `retry` is the shared queue in cluster mode; `None` keeps retries in
+    /// the embedded store. Blocking: call it off the runtime.
+    pub fn open(config: Arc<Config>, retry: Option<RetryQueue>) -> Result<Arc<Self>, BrokerError> {
         let server = &config.server;
         let store = Arc::new(Store::open(&server.data_dir, server.store_cache)?);
+        let retry = match retry {
+            Some(retry) => retry,
+            None => RetryQueue::sled(Arc::clone(&store))
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))?,
+        };
         let (writer_tx, writer_rx) = mpsc::channel(writer::QUEUE_CAPACITY);
         let threads = writer::start(
             Arc::clone(&store),
@@ -151,6 +161,7 @@ impl Broker {
             consumers: Mutex::new(HashMap::new()),
             writer: writer_tx,
             threads: Mutex::new(threads),
+            retry,
             next_id: AtomicU64::new(1),
         };
         broker.load_channels()?;
@@ -195,7 +206,14 @@ impl Broker {
                 published: 0,
             };
             let limits = self.cache_limits(&policy);
-            let channel = Channel::new(name, loaded.record.id, policy, limits, state);
+            let channel = Channel::new(
+                name,
+                loaded.record.id,
+                policy,
+                limits,
+                state,
+                loaded.dead_letters,
+            );
             channels.insert(loaded.name, Arc::new(channel));
         }
         Ok(())
@@ -263,7 +281,7 @@ impl Broker {
             published: 0,
         };
         let limits = self.cache_limits(&policy);
-        let channel = Arc::new(Channel::new(name.clone(), id, policy, limits, state));
+        let channel = Arc::new(Channel::new(name.clone(), id, policy, limits, state, 0));
         channels.insert(name.as_str().to_owned(), Arc::clone(&channel));
         Ok(channel)
     }
@@ -336,36 +354,7 @@ impl Broker {
             Some(n) => n.min(policy_window),
             None => policy_window,
         };
-        let registry_key = (request.channel.as_str().to_owned(), key.clone());
-        let existing = lock(&self.consumers).get(&registry_key).cloned();
-        let (consumer, fresh) = match existing {
-            Some(consumer) => (consumer, false),
-            None => {
-                let stored = if persistent {
-                    let (store, channel_id, name) =
-                        (Arc::clone(&self.store), channel.id(), key.clone());
-                    tokio::task::spawn_blocking(move || store.load_consumer(channel_id, &name))
-                        .await
-                        .map_err(|e| BrokerError::Internal(e.to_string()))??
-                } else {
-                    None
-                };
-                let fresh = stored.is_none();
-                let state = match &stored {
-                    Some(record) => ConsumerState::from_record(mode, record),
-                    None => ConsumerState::new(mode, 0),
-                };
-                let candidate = Arc::new(Consumer::new(
-                    key.clone(),
-                    Arc::clone(&channel),
-                    persistent,
-                    state,
-                ));
-                let mut consumers = lock(&self.consumers);
-                let consumer = Arc::clone(consumers.entry(registry_key).or_insert(candidate));
-                (consumer, fresh)
-            }
-        };
+        let (consumer, fresh) = self.consumer(&channel, &key, mode, persistent).await?;
         if consumer.lock().mode() != mode {
             return Err(BrokerError::Conflict(format!(
                 "consumer {key:?} is in use in another mode"
@@ -406,6 +395,219 @@ impl Broker {
             last_seq,
             recovered,
         })
+    }
+
+    /// The consumer `key` of `channel`: from memory, else from the store,
+    /// else new (then `fresh` is true).
+    async fn consumer(
+        &self,
+        channel: &Arc<Channel>,
+        key: &str,
+        mode: ConsumerMode,
+        persistent: bool,
+    ) -> Result<(Arc<Consumer>, bool), BrokerError> {
+        let registry_key = (channel.name().as_str().to_owned(), key.to_owned());
+        if let Some(consumer) = lock(&self.consumers).get(&registry_key).cloned() {
+            return Ok((consumer, false));
+        }
+        let stored = if persistent {
+            let (store, channel_id, name) = (Arc::clone(&self.store), channel.id(), key.to_owned());
+            tokio::task::spawn_blocking(move || store.load_consumer(channel_id, &name))
+                .await
+                .map_err(|e| BrokerError::Internal(e.to_string()))??
+        } else {
+            None
+        };
+        let policy = retry_policy(channel.policy());
+        let fresh = stored.is_none();
+        let state = match &stored {
+            Some(record) => ConsumerState::from_record(mode, policy, record),
+            None => ConsumerState::new(mode, policy, 0),
+        };
+        let candidate = Arc::new(Consumer::new(
+            key.to_owned(),
+            Arc::clone(channel),
+            persistent,
+            state,
+            Arc::clone(&self.store),
+            self.retry.clone(),
+        ));
+        let mut consumers = lock(&self.consumers);
+        match consumers.get(&registry_key) {
+            // Another subscribe loaded it meanwhile: use that one.
+            Some(existing) => Ok((Arc::clone(existing), false)),
+            None => {
+                consumers.insert(registry_key, Arc::clone(&candidate));
+                Ok((candidate, fresh))
+            }
+        }
+    }
+
+    /// A consumer that is in memory now.
+    pub fn loaded_consumer(&self, channel: &str, key: &str) -> Option<Arc<Consumer>> {
+        lock(&self.consumers)
+            .get(&(channel.to_owned(), key.to_owned()))
+            .cloned()
+    }
+
+    /// The retry queue.
+    pub fn retry_queue(&self) -> &RetryQueue {
+        &self.retry
+    }
+
+    /// Starts the retry queue's worker, which runs until `cancel` fires: each job that
+    /// fires wakes its consumer if it is in memory (otherwise the retry is
+    /// delivered when the consumer is next subscribed).
+    /// The worker thread is joined by [`Broker::shutdown`]; `cancel` must
+    /// fire before that.
+    pub fn start_retry_worker(
+        self: &Arc<Self>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> Result<(), RetryError> {
+        let broker = Arc::downgrade(&self);
+        let handler: crate::delivery::retry::RetryHandler = Arc::new(move |job: RetryJob| {
+            crate::metrics::RETRIES_FIRED.inc();
+            if let Some(broker) = broker.upgrade()
+                && let Some(consumer) = broker.loaded_consumer(&job.channel, &job.consumer)
+            {
+                consumer.fire_due();
+            }
+        });
+        let poll = self.config.retry.poll_interval;
+        let thread = self
+            .retry
+            .clone()
+            .spawn_worker(handler, poll, cancel)
+            .map_err(|e| RetryError::Worker(e.to_string()))?;
+        lock(&self.threads).push(thread);
+        Ok(())
+    }
+
+    /// Dead letters of `channel` in (seq, consumer) order after `after`,
+    /// with seqs in `seqs`, at most `limit`.
+    pub async fn dlq_list(
+        &self,
+        channel: &ChannelName,
+        after: Option<(u64, String)>,
+        seqs: std::ops::RangeInclusive<u64>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetterRecord>, BrokerError> {
+        let channel = self.existing_channel(channel)?;
+        let store = Arc::clone(&self.store);
+        let id = channel.id();
+        tokio::task::spawn_blocking(move || {
+            store.dlq_list(
+                id,
+                after.as_ref().map(|(s, c)| (*s, c.as_str())),
+                seqs,
+                limit,
+            )
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(e.to_string()))?
+        .map_err(BrokerError::from)
+    }
+
+    /// Sends dead letters back to their consumers with a fresh attempt count:
+    /// those with seqs in `seqs` (and of `consumer`, when given). Safe to
+    /// repeat: a requeued entry leaves the DLQ. Returns how many it requeued.
+    pub async fn dlq_requeue(
+        &self,
+        channel: &ChannelName,
+        seqs: std::ops::RangeInclusive<u64>,
+        consumer: Option<&str>,
+    ) -> Result<usize, BrokerError> {
+        let entries = self.dlq_select(channel, seqs, consumer).await?;
+        let channel = self.existing_channel(channel)?;
+        let mut requeued = 0;
+        for entry in entries {
+            let mode = if entry.consumer.starts_with("g/") {
+                ConsumerMode::Queue
+            } else {
+                ConsumerMode::Fanout
+            };
+            let (target, _) = self.consumer(&channel, &entry.consumer, mode, true).await?;
+            target.update(|state| state.requeue(entry.seq)).await;
+            if self
+                .dlq_remove(&channel, entry.seq, &entry.consumer)
+                .await?
+            {
+                requeued += 1;
+            }
+            target.wake();
+        }
+        Ok(requeued)
+    }
+
+    /// Deletes dead letters with seqs in `seqs` (and of `consumer`, when
+    /// given). Safe to repeat. Returns how many it deleted.
+    pub async fn dlq_purge(
+        &self,
+        channel: &ChannelName,
+        seqs: std::ops::RangeInclusive<u64>,
+        consumer: Option<&str>,
+    ) -> Result<usize, BrokerError> {
+        let entries = self.dlq_select(channel, seqs, consumer).await?;
+        let channel = self.existing_channel(channel)?;
+        let mut purged = 0;
+        for entry in entries {
+            if self
+                .dlq_remove(&channel, entry.seq, &entry.consumer)
+                .await?
+            {
+                purged += 1;
+            }
+        }
+        Ok(purged)
+    }
+
+    async fn dlq_select(
+        &self,
+        channel: &ChannelName,
+        seqs: std::ops::RangeInclusive<u64>,
+        consumer: Option<&str>,
+    ) -> Result<Vec<DeadLetterRecord>, BrokerError> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .dlq_list(channel, after.clone(), seqs.clone(), 1000)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some((last.seq, last.consumer.clone()));
+            all.extend(
+                page.into_iter()
+                    .filter(|e| consumer.is_none_or(|c| c == e.consumer)),
+            );
+        }
+        Ok(all)
+    }
+
+    async fn dlq_remove(
+        &self,
+        channel: &Arc<Channel>,
+        seq: u64,
+        consumer: &str,
+    ) -> Result<bool, BrokerError> {
+        let (store, id, consumer_key) =
+            (Arc::clone(&self.store), channel.id(), consumer.to_owned());
+        let removed = tokio::task::spawn_blocking(move || store.dlq_remove(id, seq, &consumer_key))
+            .await
+            .map_err(|e| BrokerError::Internal(e.to_string()))??;
+        if removed {
+            let _ =
+                channel
+                    .dead_letters()
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+        Ok(removed)
+    }
+
+    fn existing_channel(&self, name: &ChannelName) -> Result<Arc<Channel>, BrokerError> {
+        lock(&self.channels)
+            .get(name.as_str())
+            .cloned()
+            .ok_or_else(|| BrokerError::NotFound(format!("no channel {name}")))
     }
 
     /// Detaches a subscription; what it had in flight goes back to its consumer.
@@ -467,6 +669,7 @@ impl Broker {
             })
             .collect();
         if dirty.is_empty() {
+            self.evict_idle_consumers();
             return Ok(());
         }
         let store = Arc::clone(&self.store);
@@ -479,7 +682,16 @@ impl Broker {
         .await
         .map_err(|e| BrokerError::Internal(e.to_string()))??;
         let _ = self.writer.send(WriterRequest::Flush(None)).await;
+        self.evict_idle_consumers();
         Ok(())
+    }
+
+    /// Drops consumers with no subscription whose state is saved.
+    fn evict_idle_consumers(&self) {
+        lock(&self.consumers).retain(|_, c| {
+            let state = c.lock();
+            state.subscriptions() > 0 || (c.is_persistent() && state.is_dirty())
+        });
     }
 
     /// Waits until everything written so far is durable.
@@ -578,6 +790,16 @@ impl Broker {
     /// How long the writer queue has room for (0 when publishers are waiting).
     pub fn writer_capacity(&self) -> usize {
         self.writer.capacity()
+    }
+}
+
+/// The retry rules of a namespace, as consumers apply them.
+pub fn retry_policy(policy: &NamespacePolicy) -> RetryPolicy {
+    RetryPolicy {
+        ack_wait_ms: u64::try_from(policy.ack_wait.as_millis()).unwrap_or(u64::MAX),
+        max_deliver: policy.max_deliver,
+        backoff: Backoff::new(policy.backoff_base, policy.backoff_max),
+        max_scheduled: policy.max_retries,
     }
 }
 

@@ -1,19 +1,35 @@
-//! Consumers: who has read and acked what. The state machine is in
-//! [`consumer`] (no I/O); [`Consumer`] shares one between the subscriptions
-//! attached to it and wakes them when its window opens.
+//! Consumers: who has read and acked what, and what happens to deliveries
+//! that fail. The state machine is in [`consumer`] (no I/O); [`Consumer`]
+//! shares one between the subscriptions attached to it, carries out its
+//! effects (dead letters to the DLQ, retries to the [`retry`] queue) and
+//! wakes subscriptions when their window opens.
 
 mod consumer;
+pub mod retry;
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-pub use consumer::{ConsumerMode, ConsumerState, NotDelivered, Pick, Picked, SubscriptionId};
+pub use consumer::{
+    ConsumerMode, ConsumerState, DeadLetter, DeadReason, Effects, NotDelivered, Pick, Picked,
+    Retry, RetryPolicy, SubscriptionId,
+};
+use retry::{RetryJob, RetryQueue};
 
-use crate::broker::Channel;
+use crate::broker::{Channel, now_ms};
+use crate::metrics;
+use crate::storage::{DeadLetterRecord, Store};
+
+/// Retries due within one bucket share one job (a burst of expiries makes
+/// a few jobs, not thousands).
+const SLED_BUCKET_MS: u64 = 25;
+/// apalis-redis schedules in whole seconds.
+const REDIS_BUCKET_MS: u64 = 1000;
 
 /// One consumer of one channel, shared by its live subscriptions.
-#[derive(Debug)]
 pub struct Consumer {
     /// `g/<group>`, `c/<consumer>`, `u/<user>` or `a/<subscription>`.
     key: String,
@@ -21,8 +37,19 @@ pub struct Consumer {
     /// Saved to the store (durable channel, named consumer).
     persistent: bool,
     state: Mutex<ConsumerState>,
-    /// Woken on acks, nacks and detaches: a window opened or seqs came back.
+    /// Woken on acks, nacks, fired retries and detaches.
     notify: Notify,
+    store: Arc<Store>,
+    retry: RetryQueue,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("key", &self.key)
+            .field("channel", self.channel.name())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Consumer {
@@ -31,6 +58,8 @@ impl Consumer {
         channel: Arc<Channel>,
         persistent: bool,
         state: ConsumerState,
+        store: Arc<Store>,
+        retry: RetryQueue,
     ) -> Self {
         Self {
             key,
@@ -38,6 +67,8 @@ impl Consumer {
             persistent,
             state: Mutex::new(state),
             notify: Notify::new(),
+            store,
+            retry,
         }
     }
 
@@ -57,8 +88,129 @@ impl Consumer {
     }
 
     /// The state machine, behind a short-held lock (never across an await).
+    /// Use [`Consumer::update`] for operations that can fail deliveries.
     pub fn lock(&self) -> MutexGuard<'_, ConsumerState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the state and carries out its effects: dead letters are
+    /// stored before the lock is released (so no saved state acks a seq
+    /// whose dead letter is missing), then retries are scheduled.
+    pub async fn update<T>(&self, f: impl FnOnce(&mut ConsumerState) -> T) -> T {
+        let (result, retries) = {
+            let mut state = self.lock();
+            let result = f(&mut state);
+            let effects = state.take_effects();
+            if !effects.dead.is_empty() {
+                self.store_dead_letters(&effects.dead);
+            }
+            (result, effects.retries)
+        };
+        if !retries.is_empty() {
+            self.schedule(retries).await;
+        }
+        result
+    }
+
+    fn store_dead_letters(&self, dead: &[DeadLetter]) {
+        let channel = &self.channel;
+        let policy = channel.policy();
+        for letter in dead {
+            metrics::MESSAGES_DEAD_LETTERED
+                .with_label_values(&[letter.reason.as_str()])
+                .inc();
+            tracing::info!(channel = %channel.name(), consumer = %self.key, seq = letter.seq,
+                reason = letter.reason.as_str(), attempts = letter.attempts, "dead-lettered");
+            if !channel.is_durable() {
+                continue;
+            }
+            let message = match self.store.read_one(channel.id(), letter.seq) {
+                Ok(message) => message,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading a dead letter's message failed");
+                    None
+                }
+            };
+            let record = DeadLetterRecord {
+                seq: letter.seq,
+                consumer: self.key.clone(),
+                reason: letter.reason.as_str().to_owned(),
+                detail: letter.detail.clone(),
+                attempts: letter.attempts,
+                dead_ms: now_ms(),
+                message,
+            };
+            if channel.dead_letters().load(Ordering::Relaxed) >= policy.dlq_max {
+                self.evict_oldest_dead_letter();
+            }
+            match self.store.dlq_put(channel.id(), &record) {
+                Ok(()) => {
+                    channel.dead_letters().fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, seq = letter.seq, "storing a dead letter failed")
+                }
+            }
+        }
+    }
+
+    fn evict_oldest_dead_letter(&self) {
+        let channel = &self.channel;
+        match self.store.dlq_first(channel.id()) {
+            Ok(Some(oldest)) => {
+                if matches!(
+                    self.store
+                        .dlq_remove(channel.id(), oldest.seq, &oldest.consumer),
+                    Ok(true)
+                ) {
+                    decrement(channel.dead_letters());
+                }
+                metrics::DLQ_EVICTED.inc();
+                tracing::warn!(channel = %channel.name(), seq = oldest.seq, consumer = %oldest.consumer,
+                    dlq_max = channel.policy().dlq_max, "dead-letter queue full: dropped its oldest entry");
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "dead-letter queue eviction failed"),
+        }
+    }
+
+    /// Schedules retries, one job per due-time bucket.
+    async fn schedule(&self, retries: Vec<Retry>) {
+        let bucket = match self.retry {
+            RetryQueue::Sled(_) => SLED_BUCKET_MS,
+            RetryQueue::Redis(_) => REDIS_BUCKET_MS,
+        };
+        let mut jobs: BTreeMap<u64, RetryJob> = BTreeMap::new();
+        for retry in retries {
+            let due = retry.due_ms.div_ceil(bucket).saturating_mul(bucket);
+            let job = jobs.entry(due).or_insert_with(|| RetryJob {
+                channel: self.channel.name().as_str().to_owned(),
+                consumer: self.key.clone(),
+                seqs: Vec::new(),
+                attempt: retry.attempt,
+                due_ms: due,
+            });
+            job.seqs.push(retry.seq);
+            job.attempt = job.attempt.max(retry.attempt);
+        }
+        for job in jobs.into_values() {
+            metrics::RETRIES_SCHEDULED.inc_by(u64::try_from(job.seqs.len()).unwrap_or(0));
+            if let Err(e) = self.retry.schedule(job).await {
+                // The consumer's record still holds the schedule: the next
+                // pick after the due time delivers it. Wake everyone now so
+                // nothing waits on a job that does not exist.
+                tracing::error!(error = %e, consumer = %self.key, "scheduling a retry failed; redelivering on the next pick");
+                self.wake();
+            }
+        }
+    }
+
+    /// A retry job fired: move due seqs back to delivery and wake the subscriptions.
+    pub fn fire_due(&self) {
+        let fired = self.lock().fire(now_ms());
+        if fired {
+            self.wake();
+        }
     }
 
     /// Wakes every subscription of this consumer to pick again.
@@ -70,4 +222,8 @@ impl Consumer {
     pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
         self.notify.notified()
     }
+}
+
+fn decrement(counter: &AtomicU64) {
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
 }

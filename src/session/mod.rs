@@ -25,12 +25,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::broker::{Broker, BrokerError, PublishOutcome, SubscribeRequest, Subscription};
+use crate::broker::{Broker, BrokerError, PublishOutcome, SubscribeRequest, Subscription, now_ms};
 use crate::metrics;
 use crate::protocol::{
     Ack, AckMode, ChannelName, ChannelRequest, ClientFrame, Connected, DecodeError, ErrorCode,
-    ErrorFrame, IdOnly, Limits, Nack, PubAck, Publish, ServerFrame, Subscribe, Subscribed,
-    Unsubscribed, close,
+    ErrorFrame, IdOnly, Limits, Nack, Progress, PubAck, Publish, ServerFrame, Subscribe,
+    Subscribed, Term, Unsubscribed, close,
 };
 
 /// What a session asks its transport to send.
@@ -69,6 +69,8 @@ pub struct ConnectionInfo {
 pub const MAX_BAD_FRAMES: u32 = 10;
 /// Longest `msg_id`, bytes.
 pub const MAX_MSG_ID_LEN: usize = 256;
+/// Longest `term` reason, bytes.
+pub const MAX_TERM_REASON: usize = 1024;
 /// Most headers on one message.
 pub const MAX_HEADERS: usize = 64;
 /// Longest header name or value, bytes.
@@ -308,29 +310,9 @@ impl Session {
             ClientFrame::Subscribe(subscribe) => self.on_subscribe(subscribe).await?,
             ClientFrame::Unsubscribe(request) => Some(self.on_unsubscribe(request).await),
             ClientFrame::Ack(ack) => self.on_ack(&ack),
-            ClientFrame::Nack(nack) => self.on_nack(&nack),
-            ClientFrame::Progress(progress) => {
-                let id = progress.id;
-                self.with_subscription(id, &progress.channel, |sub| {
-                    let state = sub.consumer.lock();
-                    progress
-                        .seqs
-                        .iter()
-                        .find(|s| !state.is_in_flight(sub.id, **s))
-                        .map(|seq| {
-                            error(
-                                id,
-                                ErrorCode::BadRequest,
-                                format!("seq {seq} is not in flight on this subscription"),
-                            )
-                        })
-                })
-            }
-            ClientFrame::Term(term) => Some(error(
-                term.id,
-                ErrorCode::BadRequest,
-                "term needs the dead-letter queue, which this broker version does not have yet",
-            )),
+            ClientFrame::Nack(nack) => self.on_nack(&nack).await,
+            ClientFrame::Progress(progress) => self.on_progress(progress).await,
+            ClientFrame::Term(term) => self.on_term(term).await,
             ClientFrame::Presence(request) => Some(error(
                 Some(request.id),
                 ErrorCode::NotFound,
@@ -551,18 +533,97 @@ impl Session {
         })
     }
 
-    fn on_nack(&self, nack: &Nack) -> Option<ServerFrame> {
-        let id = nack.id;
-        self.with_subscription(id, &nack.channel, |sub| {
-            let result = sub.consumer.lock().release(sub.id, nack.seq);
-            match result {
-                Ok(()) => {
-                    sub.consumer.wake();
-                    None
-                }
-                Err(e) => Some(error(id, ErrorCode::BadRequest, e.to_string())),
+    /// The subscription to `channel`, or the `not_found` reply.
+    fn subscription(
+        &self,
+        id: Option<u64>,
+        channel: &str,
+    ) -> Result<Arc<Subscription>, ServerFrame> {
+        self.subscriptions
+            .get(channel)
+            .map(|active| Arc::clone(&active.subscription))
+            .ok_or_else(|| {
+                error(
+                    id,
+                    ErrorCode::NotFound,
+                    format!("not subscribed to {channel:?}"),
+                )
+            })
+    }
+
+    async fn on_nack(&self, nack: &Nack) -> Option<ServerFrame> {
+        let sub = match self.subscription(nack.id, &nack.channel) {
+            Ok(sub) => sub,
+            Err(reply) => return Some(reply),
+        };
+        let (seq, delay) = (nack.seq, nack.delay_ms);
+        let result = sub
+            .consumer
+            .update(|state| state.nack(sub.id, seq, delay, now_ms(), rand::random::<f64>()))
+            .await;
+        match result {
+            Ok(()) => {
+                sub.consumer.wake();
+                None
             }
+            Err(e) => Some(error(nack.id, ErrorCode::BadRequest, e.to_string())),
+        }
+    }
+
+    async fn on_progress(&self, progress: Progress) -> Option<ServerFrame> {
+        let sub = match self.subscription(progress.id, &progress.channel) {
+            Ok(sub) => sub,
+            Err(reply) => return Some(reply),
+        };
+        let result = sub
+            .consumer
+            .lock()
+            .progress(sub.id, &progress.seqs, now_ms());
+        result.err().map(|e| {
+            error(
+                progress.id,
+                ErrorCode::BadRequest,
+                format!("{e}; it cannot make progress"),
+            )
         })
+    }
+
+    /// Dead-letters the message, and makes that durable before the next
+    /// frame is read (a termed message must not come back after a crash).
+    async fn on_term(&self, term: Term) -> Option<ServerFrame> {
+        if term
+            .reason
+            .as_ref()
+            .is_some_and(|r| r.len() > MAX_TERM_REASON)
+        {
+            return Some(error(
+                term.id,
+                ErrorCode::TooLarge,
+                format!("a term reason is at most {MAX_TERM_REASON} bytes"),
+            ));
+        }
+        let sub = match self.subscription(term.id, &term.channel) {
+            Ok(sub) => sub,
+            Err(reply) => return Some(reply),
+        };
+        let (seq, reason) = (term.seq, term.reason);
+        let result = sub
+            .consumer
+            .update(|state| state.term(sub.id, seq, reason))
+            .await;
+        if let Err(e) = result {
+            return Some(error(term.id, ErrorCode::BadRequest, e.to_string()));
+        }
+        sub.consumer.wake();
+        if let Err(e) = self
+            .broker
+            .persist_consumers()
+            .await
+            .and(self.broker.flush().await)
+        {
+            return Some(broker_error(term.id, &e));
+        }
+        None
     }
 
     async fn teardown(mut self) {

@@ -14,12 +14,15 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::Outgoing;
-use crate::broker::{Broker, Message, Subscription};
+use crate::broker::{Broker, Message, Subscription, now_ms};
 use crate::metrics;
 use crate::protocol::{AckMode, Gap, Msg, MsgItem, Msgs, Payload, ServerFrame};
 
 /// Most deliveries picked per round (and per `msgs` frame).
 const MAX_PICK: usize = 256;
+
+/// Longest a pump sleeps without looking at its window.
+const IDLE: Duration = Duration::from_secs(3600);
 
 /// Wait after a store read failed before trying again.
 const READ_RETRY: Duration = Duration::from_millis(100);
@@ -40,9 +43,20 @@ pub(super) async fn pump(
         let notified = consumer.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        let now = now_ms();
+        let deadline = consumer.lock().next_deadline(subscription.id);
+        if deadline.is_some_and(|d| d <= now) {
+            let expired = consumer
+                .update(|state| state.expire(subscription.id, now, &mut || rand::random::<f64>()))
+                .await;
+            tracing::debug!(channel = %name, expired, "ack deadline passed");
+            consumer.wake();
+        }
         let last = *head.borrow_and_update();
         let first = channel.first_seq();
-        let picked = consumer.lock().pick(subscription.id, first, last, MAX_PICK);
+        let picked = consumer
+            .update(|state| state.pick(subscription.id, first, last, MAX_PICK, now_ms()))
+            .await;
         if let Some((from, to)) = picked.gap {
             let gap = ServerFrame::Gap(Gap {
                 channel: name.clone(),
@@ -54,10 +68,14 @@ pub(super) async fn pump(
             }
         }
         if picked.deliveries.is_empty() {
+            let next_deadline = consumer.lock().next_deadline(subscription.id);
+            let until_deadline =
+                next_deadline.map_or(IDLE, |d| Duration::from_millis(d.saturating_sub(now_ms())));
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = &mut notified => {}
                 changed = head.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(until_deadline) => {}
             }
             continue;
         }
@@ -67,6 +85,7 @@ pub(super) async fn pump(
             Err(e) => {
                 tracing::warn!(channel = %name, error = %e, "store read failed; retrying");
                 {
+                    // Not delivered after all: give them back as they were.
                     let mut state = consumer.lock();
                     for seq in &seqs {
                         let _ = state.release(subscription.id, *seq);

@@ -9,6 +9,8 @@
 //! | `heads` | channel id ‖ 0 | [`HeadRecord`] (written by the channel writer) |
 //! | `heads` | channel id ‖ 1 | [`TailRecord`] (written by the retention sweep) |
 //! | `consumers` | channel id ‖ consumer key | [`ConsumerRecord`] |
+//! | `dlq` | channel id ‖ seq ‖ consumer key | [`DeadLetterRecord`] |
+//! | `retries` | due ms ‖ job id | a retry job (opaque bytes, see `delivery::retry`) |
 //!
 //! Invariants: seq 0 is never a message; a channel's log holds a contiguous
 //! range `first_seq..=last_seq` (retention only removes a prefix); the head
@@ -95,6 +97,31 @@ pub struct ConsumerRecord {
     pub acked: Vec<u64>,
     /// Delivery counts of delivered, unacked seqs.
     pub attempts: Vec<(u64, u32)>,
+    /// Seqs waiting for a retry, with their due time (ms since the epoch).
+    #[serde(default)]
+    pub scheduled: Vec<(u64, u64)>,
+    /// Seqs requeued from the dead-letter queue, delivered again until acked.
+    #[serde(default)]
+    pub requeued: Vec<u64>,
+}
+
+/// A message a consumer gave up on, with a copy of the message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterRecord {
+    pub seq: u64,
+    /// The consumer's key (`c/…`, `g/…`, `u/…`).
+    pub consumer: String,
+    /// `max_deliver`, `term` or `retry_queue_full`.
+    pub reason: String,
+    /// The client's words for a `term`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    pub attempts: u32,
+    /// When it was dead-lettered, ms since the epoch.
+    pub dead_ms: u64,
+    /// The message as published (`None` when retention had dropped it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<MessageRecord>,
 }
 
 /// A channel loaded at start-up.
@@ -105,6 +132,8 @@ pub struct LoadedChannel {
     pub first_seq: u64,
     pub last_seq: u64,
     pub bytes: u64,
+    /// Dead letters stored.
+    pub dead_letters: u64,
 }
 
 /// The sled database and its trees.
@@ -114,6 +143,8 @@ pub struct Store {
     log: sled::Tree,
     heads: sled::Tree,
     consumers: sled::Tree,
+    dlq: sled::Tree,
+    retries: sled::Tree,
     /// sled's data file, kept open to fdatasync it after each flush.
     data_file: File,
 }
@@ -137,6 +168,12 @@ fn seq_of(key: &[u8]) -> Option<u64> {
 fn consumer_key(channel: u64, name: &str) -> Vec<u8> {
     let mut k = channel.to_be_bytes().to_vec();
     k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn dlq_key(channel: u64, seq: u64, consumer: &str) -> Vec<u8> {
+    let mut k = key(channel, seq).to_vec();
+    k.extend_from_slice(consumer.as_bytes());
     k
 }
 
@@ -167,6 +204,8 @@ impl Store {
             log: db.open_tree("log")?,
             heads: db.open_tree("heads")?,
             consumers: db.open_tree("consumers")?,
+            dlq: db.open_tree("dlq")?,
+            retries: db.open_tree("retries")?,
             db,
             data_file,
         })
@@ -202,7 +241,10 @@ impl Store {
                 .and_then(|(k, _)| seq_of(&k))
                 .or(first_key);
             let last_seq = head.last_seq.max(last_key.unwrap_or(0));
+            let dead_letters =
+                u64::try_from(self.dlq.scan_prefix(record.id.to_be_bytes()).count()).unwrap_or(0);
             out.push(LoadedChannel {
+                dead_letters,
                 name: String::from_utf8_lossy(&name).into_owned(),
                 first_seq: first_key.unwrap_or(last_seq + 1),
                 last_seq,
@@ -350,6 +392,106 @@ impl Store {
         Ok(())
     }
 
+    /// One message, if it is still stored.
+    pub fn read_one(&self, channel: u64, seq: u64) -> Result<Option<MessageRecord>, StoreError> {
+        self.log
+            .get(key(channel, seq))?
+            .map(|v| decode("log", &v))
+            .transpose()
+    }
+
+    /// Stores a dead letter (durable with the next flush).
+    pub fn dlq_put(&self, channel: u64, record: &DeadLetterRecord) -> Result<(), StoreError> {
+        self.dlq.insert(
+            dlq_key(channel, record.seq, &record.consumer),
+            encode(record),
+        )?;
+        Ok(())
+    }
+
+    /// Dead letters of a channel in (seq, consumer) order, after the given
+    /// position, at most `limit`; `seqs` bounds the seqs listed.
+    pub fn dlq_list(
+        &self,
+        channel: u64,
+        after: Option<(u64, &str)>,
+        seqs: std::ops::RangeInclusive<u64>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetterRecord>, StoreError> {
+        let start = match after {
+            Some((seq, consumer)) => {
+                let mut k = dlq_key(channel, seq, consumer);
+                k.push(0);
+                k
+            }
+            None => dlq_key(channel, *seqs.start(), ""),
+        };
+        let end = dlq_key(channel, seqs.end().saturating_add(1), "");
+        let mut out = Vec::new();
+        for entry in self.dlq.range(start..end).take(limit) {
+            let (_, v) = entry?;
+            out.push(decode("dlq", &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Removes one dead letter; true when it was there.
+    pub fn dlq_remove(&self, channel: u64, seq: u64, consumer: &str) -> Result<bool, StoreError> {
+        Ok(self.dlq.remove(dlq_key(channel, seq, consumer))?.is_some())
+    }
+
+    /// The oldest dead letter of a channel (lowest seq).
+    pub fn dlq_first(&self, channel: u64) -> Result<Option<DeadLetterRecord>, StoreError> {
+        self.dlq
+            .scan_prefix(channel.to_be_bytes())
+            .next()
+            .transpose()?
+            .map(|(_, v)| decode("dlq", &v))
+            .transpose()
+    }
+
+    /// Stores a retry job due at `due_ms` (durable with the next flush).
+    pub fn retry_put(&self, due_ms: u64, id: u64, job: &[u8]) -> Result<(), StoreError> {
+        self.retries.insert(key(due_ms, id), job)?;
+        Ok(())
+    }
+
+    /// Removes and returns up to `limit` jobs due at or before `now_ms`.
+    pub fn retry_take_due(&self, now_ms: u64, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self
+            .retries
+            .range(..key(now_ms.saturating_add(1), 0))
+            .take(limit)
+        {
+            let (k, v) = entry?;
+            self.retries.remove(k)?;
+            out.push(v.to_vec());
+        }
+        Ok(out)
+    }
+
+    /// When the next retry job is due, if any.
+    pub fn retry_next_due(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self.retries.first()?.and_then(|(k, _)| {
+            k.get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+        }))
+    }
+
+    /// Jobs waiting, and the highest job id in use.
+    pub fn retry_stats(&self) -> Result<(u64, u64), StoreError> {
+        let mut count = 0u64;
+        let mut max_id = 0u64;
+        for entry in self.retries.iter() {
+            let (k, _) = entry?;
+            count += 1;
+            max_id = max_id.max(seq_of(&k).unwrap_or(0));
+        }
+        Ok((count, max_id))
+    }
+
     /// Bytes sled uses on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
@@ -466,6 +608,73 @@ mod tests {
     }
 
     #[test]
+    fn dead_letters_list_in_pages_and_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        for (seq, consumer) in [(3, "c/a"), (1, "c/b"), (1, "c/a"), (9, "c/a")] {
+            let record = DeadLetterRecord {
+                seq,
+                consumer: consumer.into(),
+                reason: "term".into(),
+                detail: None,
+                attempts: 1,
+                dead_ms: 0,
+                message: None,
+            };
+            store.dlq_put(5, &record).unwrap();
+        }
+        store
+            .dlq_put(
+                6,
+                &DeadLetterRecord {
+                    seq: 2,
+                    consumer: "x".into(),
+                    reason: "term".into(),
+                    detail: None,
+                    attempts: 1,
+                    dead_ms: 0,
+                    message: None,
+                },
+            )
+            .unwrap();
+        let page1 = store.dlq_list(5, None, 0..=u64::MAX, 2).unwrap();
+        assert_eq!(
+            page1
+                .iter()
+                .map(|r| (r.seq, r.consumer.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(1, "c/a"), (1, "c/b")]
+        );
+        let page2 = store
+            .dlq_list(5, Some((1, "c/b")), 0..=u64::MAX, 10)
+            .unwrap();
+        assert_eq!(page2.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![3, 9]);
+        assert_eq!(store.dlq_list(5, None, 2..=3, 10).unwrap().len(), 1);
+        assert!(store.dlq_remove(5, 3, "c/a").unwrap());
+        assert!(
+            !store.dlq_remove(5, 3, "c/a").unwrap(),
+            "removing twice is harmless"
+        );
+        assert_eq!(store.dlq_first(5).unwrap().unwrap().seq, 1);
+    }
+
+    #[test]
+    fn retry_jobs_come_out_when_due_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        store.retry_put(200, 1, b"b").unwrap();
+        store.retry_put(100, 2, b"a").unwrap();
+        store.retry_put(300, 3, b"c").unwrap();
+        assert_eq!(store.retry_next_due().unwrap(), Some(100));
+        assert_eq!(
+            store.retry_take_due(200, 10).unwrap(),
+            vec![b"a".to_vec(), b"b".to_vec()]
+        );
+        assert_eq!(store.retry_stats().unwrap(), (1, 3));
+        assert!(store.retry_take_due(299, 10).unwrap().is_empty());
+    }
+
+    #[test]
     fn consumers_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 8 << 20).unwrap();
@@ -473,6 +682,8 @@ mod tests {
             floor: 4,
             acked: vec![6, 9],
             attempts: vec![(5, 2)],
+            scheduled: vec![(7, 1234)],
+            requeued: vec![2],
         };
         store.save_consumer(1, "c/alice", &rec).unwrap();
         assert_eq!(store.load_consumer(1, "c/alice").unwrap(), Some(rec));

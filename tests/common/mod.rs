@@ -13,8 +13,6 @@ use courier::config::Config;
 use courier::protocol::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -31,8 +29,7 @@ pub struct TestBroker {
     pub addr: SocketAddr,
     pub dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), courier::server::ServerError>>>,
+    server: Option<courier::server::Server>,
     config: Config,
 }
 
@@ -56,23 +53,21 @@ impl TestBroker {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let run_config = config.clone();
-        let task = tokio::spawn(async move {
-            courier::server::run(run_config, listener, async move {
-                let _ = stopped.await;
-            })
+        let server = courier::server::Server::start(config.clone(), listener)
             .await
-        });
-        // The listener is bound, so connections queue until the server is up.
+            .expect("broker starts");
         Self {
             addr,
             dir: config.server.data_dir.clone(),
             _temp: temp,
-            stop: Some(stop),
-            task: Some(task),
+            server: Some(server),
             config,
         }
+    }
+
+    /// The broker inside, for library-level calls (DLQ operations).
+    pub fn broker(&self) -> &std::sync::Arc<courier::broker::Broker> {
+        self.server.as_ref().expect("running").broker()
     }
 
     /// `ws://` URL of the broker.
@@ -82,14 +77,12 @@ impl TestBroker {
 
     /// Shuts down gracefully and waits until the server has stopped.
     pub async fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let result = tokio::time::timeout(WAIT, task)
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+            let result = tokio::time::timeout(WAIT, server.wait())
                 .await
                 .expect("server stops in time");
-            result.expect("server task").expect("server exits cleanly");
+            result.expect("server exits cleanly");
         }
     }
 
@@ -103,8 +96,8 @@ impl TestBroker {
 
 impl Drop for TestBroker {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+        if let Some(server) = &self.server {
+            server.shutdown();
         }
     }
 }
