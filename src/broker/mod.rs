@@ -464,7 +464,7 @@ impl Broker {
         self: &Arc<Self>,
         cancel: tokio_util::sync::CancellationToken,
     ) -> Result<(), RetryError> {
-        let broker = Arc::downgrade(&self);
+        let broker = Arc::downgrade(self);
         let handler: crate::delivery::retry::RetryHandler = Arc::new(move |job: RetryJob| {
             crate::metrics::RETRIES_FIRED.inc();
             if let Some(broker) = broker.upgrade()

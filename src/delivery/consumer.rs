@@ -350,9 +350,15 @@ impl ConsumerState {
                     }
                     let seq = *cursor;
                     *cursor += 1;
+                    // Skip what is done, waiting for a retry, queued for
+                    // redelivery (it goes out from there) or already in
+                    // flight here (a retry delivered it before the cursor
+                    // got this far).
                     if seq <= self.floor
                         || self.acked.contains(&seq)
                         || self.scheduled.contains_key(&seq)
+                        || self.redeliver.contains(&seq)
+                        || window.in_flight.contains_key(&seq)
                     {
                         continue;
                     }
@@ -521,6 +527,7 @@ impl ConsumerState {
             u64::try_from(self.policy.backoff.delay(attempt, unit).as_millis()).unwrap_or(u64::MAX)
         });
         let due_ms = now.saturating_add(delay);
+        tracing::debug!(seq, attempt, delay, due_ms, now, "retry scheduled");
         self.scheduled.insert(seq, due_ms);
         self.effects.retries.push(Retry {
             seq,
@@ -817,6 +824,34 @@ mod tests {
         );
         c.ack(1, &[1]).unwrap();
         assert_eq!(seqs(&c.pick(1, 1, 3, 10, T0 + 100)), vec![2]);
+    }
+
+    #[test]
+    fn a_retry_that_fires_before_the_cursor_arrives_is_delivered_once() {
+        let mut c = consumer(ConsumerMode::Fanout, 0);
+        c.attach(1, 10);
+        c.pick(1, 1, 8, 100, T0);
+        c.nack(1, 8, Some(10), T0, 0.5).unwrap();
+        c.detach(1);
+        let mut c = ConsumerState::from_record(ConsumerMode::Fanout, policy(), &c.record());
+        c.attach(2, 10);
+        // The retry fires first, then the resumed cursor walks up to 8.
+        let p = c.pick(2, 1, 8, 100, T0 + 10);
+        let eights: Vec<_> = p.deliveries.iter().filter(|d| d.seq == 8).collect();
+        assert_eq!(eights.len(), 1, "{p:?}");
+        assert_eq!(eights[0].attempt, 2);
+    }
+
+    #[test]
+    fn a_closing_tab_does_not_double_deliver_to_the_one_behind() {
+        let mut c = consumer(ConsumerMode::Fanout, 0);
+        c.attach(1, 10);
+        c.attach(2, 10);
+        assert_eq!(seqs(&c.pick(1, 1, 4, 100, T0)), vec![1, 2, 3, 4]);
+        assert_eq!(seqs(&c.pick(2, 1, 4, 2, T0)), vec![1, 2], "tab 2 is behind");
+        c.detach(1);
+        let rest = seqs(&c.pick(2, 1, 4, 100, T0));
+        assert_eq!(rest, vec![3, 4], "each seq once on tab 2");
     }
 
     #[test]

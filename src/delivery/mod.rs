@@ -96,7 +96,7 @@ impl Consumer {
     /// Runs `f` on the state and carries out its effects: dead letters are
     /// stored before the lock is released (so no saved state acks a seq
     /// whose dead letter is missing), then retries are scheduled.
-    pub async fn update<T>(&self, f: impl FnOnce(&mut ConsumerState) -> T) -> T {
+    pub async fn update<T>(self: &Arc<Self>, f: impl FnOnce(&mut ConsumerState) -> T) -> T {
         let (result, retries) = {
             let mut state = self.lock();
             let result = f(&mut state);
@@ -119,8 +119,13 @@ impl Consumer {
             metrics::MESSAGES_DEAD_LETTERED
                 .with_label_values(&[letter.reason.as_str()])
                 .inc();
-            tracing::info!(channel = %channel.name(), consumer = %self.key, seq = letter.seq,
-                reason = letter.reason.as_str(), attempts = letter.attempts, "dead-lettered");
+            if letter.reason == DeadReason::RetryQueueFull {
+                tracing::warn!(channel = %channel.name(), consumer = %self.key, seq = letter.seq,
+                    max_retries = policy.max_retries, "retry queue of the consumer is full: dead-lettered instead");
+            } else {
+                tracing::info!(channel = %channel.name(), consumer = %self.key, seq = letter.seq,
+                    reason = letter.reason.as_str(), attempts = letter.attempts, "dead-lettered");
+            }
             if !channel.is_durable() {
                 continue;
             }
@@ -175,7 +180,7 @@ impl Consumer {
     }
 
     /// Schedules retries, one job per due-time bucket.
-    async fn schedule(&self, retries: Vec<Retry>) {
+    async fn schedule(self: &Arc<Self>, retries: Vec<Retry>) {
         let bucket = match self.retry {
             RetryQueue::Sled(_) => SLED_BUCKET_MS,
             RetryQueue::Redis(_) => REDIS_BUCKET_MS,
@@ -195,12 +200,21 @@ impl Consumer {
         }
         for job in jobs.into_values() {
             metrics::RETRIES_SCHEDULED.inc_by(u64::try_from(job.seqs.len()).unwrap_or(0));
+            let due_ms = job.due_ms;
             if let Err(e) = self.retry.schedule(job).await {
-                // The consumer's record still holds the schedule: the next
-                // pick after the due time delivers it. Wake everyone now so
-                // nothing waits on a job that does not exist.
-                tracing::error!(error = %e, consumer = %self.key, "scheduling a retry failed; redelivering on the next pick");
-                self.wake();
+                // The record still holds the schedule; without a job, an
+                // in-process timer does the job's one task: wake at due.
+                tracing::error!(error = %e, consumer = %self.key, "scheduling a retry failed; using an in-process timer");
+                let consumer = Arc::downgrade(self);
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(
+                        due_ms.saturating_sub(now_ms()),
+                    ))
+                    .await;
+                    if let Some(consumer) = consumer.upgrade() {
+                        consumer.fire_due();
+                    }
+                });
             }
         }
     }

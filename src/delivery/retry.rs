@@ -86,8 +86,20 @@ fn now_ms() -> u64 {
 #[derive(Clone)]
 pub enum RetryQueue {
     Sled(SledJobs),
-    Redis(Box<RedisStorage<RetryJob>>),
+    Redis(Box<RedisJobs>),
 }
+
+/// The Redis side: a storage for pushing (on the caller's runtime) and
+/// what the worker needs to open its own connection on its own runtime.
+#[derive(Clone)]
+pub struct RedisJobs {
+    storage: RedisStorage<RetryJob>,
+    url: String,
+    queue: String,
+}
+
+/// Longest a push to Redis may take.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The sled side: the store's `retries` tree plus a wake-up for the fetcher.
 #[derive(Clone)]
@@ -178,13 +190,12 @@ impl RetryQueue {
 
     /// The shared queue on Redis at `url`, under the key prefix `queue`.
     pub async fn redis(url: &str, queue: &str) -> Result<Self, RetryError> {
-        let conn = apalis_redis::connect(url)
-            .await
-            .map_err(|e| RetryError::Redis(format!("cannot connect to {url}: {e}")))?;
-        let config = apalis_redis::Config::default().queue(queue);
-        Ok(Self::Redis(Box::new(
-            RedisStorage::new(conn).with_config(config),
-        )))
+        let storage = redis_storage(url, queue).await?;
+        Ok(Self::Redis(Box::new(RedisJobs {
+            storage,
+            url: url.to_owned(),
+            queue: queue.to_owned(),
+        })))
     }
 
     /// Schedules a job for its `due_ms`.
@@ -196,14 +207,14 @@ impl RetryQueue {
                     .await
                     .map_err(|e| RetryError::Worker(e.to_string()))?
             }
-            Self::Redis(storage) => {
+            Self::Redis(jobs) => {
                 let run_at = UNIX_EPOCH + Duration::from_millis(job.due_ms);
                 let task = TaskBuilder::new(job).run_at_time(run_at).build();
-                let mut storage = storage.as_ref().clone();
-                storage
-                    .push_task(task)
-                    .await
-                    .map_err(|e| RetryError::Redis(e.to_string()))
+                let mut storage = jobs.storage.clone();
+                match tokio::time::timeout(PUSH_TIMEOUT, storage.push_task(task)).await {
+                    Ok(pushed) => pushed.map_err(|e| RetryError::Redis(e.to_string())),
+                    Err(_) => Err(RetryError::Redis("push timed out".to_owned())),
+                }
             }
         }
     }
@@ -280,9 +291,12 @@ impl RetryQueue {
                     .await
                     .map_err(|e| RetryError::Worker(e.to_string()))
             }
-            Self::Redis(storage) => {
+            Self::Redis(jobs) => {
+                // This runtime's own connection: a connection's I/O belongs
+                // to the runtime that opened it.
+                let storage = redis_storage(&jobs.url, &jobs.queue).await?;
                 let vacuum = {
-                    let (mut storage, cancel) = (storage.as_ref().clone(), cancel.clone());
+                    let (mut storage, cancel) = (storage.clone(), cancel.clone());
                     tokio::spawn(async move {
                         let mut tick = tokio::time::interval(VACUUM_EVERY);
                         loop {
@@ -308,6 +322,14 @@ impl RetryQueue {
             }
         }
     }
+}
+
+async fn redis_storage(url: &str, queue: &str) -> Result<RedisStorage<RetryJob>, RetryError> {
+    let conn = apalis_redis::connect(url)
+        .await
+        .map_err(|e| RetryError::Redis(format!("cannot connect to {url}: {e}")))?;
+    let config = apalis_redis::Config::default().queue(queue);
+    Ok(RedisStorage::new(conn).with_config(config))
 }
 
 type JobResult<T> = Result<T, BoxDynError>;

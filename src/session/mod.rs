@@ -488,49 +488,34 @@ impl Session {
         })
     }
 
-    /// Runs `f` on the subscription to `channel`, or answers `not_found`.
-    fn with_subscription(
-        &self,
-        id: Option<u64>,
-        channel: &str,
-        f: impl FnOnce(&Subscription) -> Option<ServerFrame>,
-    ) -> Option<ServerFrame> {
-        match self.subscriptions.get(channel) {
-            Some(active) => f(&active.subscription),
-            None => Some(error(
-                id,
-                ErrorCode::NotFound,
-                format!("not subscribed to {channel:?}"),
-            )),
-        }
-    }
-
     fn on_ack(&self, ack: &Ack) -> Option<ServerFrame> {
         let id = ack.id;
-        self.with_subscription(id, &ack.channel, |sub| {
-            let result = {
-                let mut state = sub.consumer.lock();
-                match (&ack.seqs, ack.upto) {
-                    (Some(seqs), None) => state.ack(sub.id, seqs).map(|()| seqs.len()),
-                    (None, Some(upto)) => state.ack_upto(sub.id, upto),
-                    _ => {
-                        return Some(error(
-                            id,
-                            ErrorCode::BadRequest,
-                            "ack takes `seqs` or `upto`, exactly one",
-                        ));
-                    }
+        let sub = match self.subscription(id, &ack.channel) {
+            Ok(sub) => sub,
+            Err(reply) => return Some(*reply),
+        };
+        let result = {
+            let mut state = sub.consumer.lock();
+            match (&ack.seqs, ack.upto) {
+                (Some(seqs), None) => state.ack(sub.id, seqs).map(|()| seqs.len()),
+                (None, Some(upto)) => state.ack_upto(sub.id, upto),
+                _ => {
+                    return Some(error(
+                        id,
+                        ErrorCode::BadRequest,
+                        "ack takes `seqs` or `upto`, exactly one",
+                    ));
                 }
-            };
-            match result {
-                Ok(count) => {
-                    metrics::MESSAGES_ACKED.inc_by(u64::try_from(count).unwrap_or(0));
-                    sub.consumer.wake();
-                    None
-                }
-                Err(e) => Some(error(id, ErrorCode::BadRequest, e.to_string())),
             }
-        })
+        };
+        match result {
+            Ok(count) => {
+                metrics::MESSAGES_ACKED.inc_by(u64::try_from(count).unwrap_or(0));
+                sub.consumer.wake();
+                None
+            }
+            Err(e) => Some(error(id, ErrorCode::BadRequest, e.to_string())),
+        }
     }
 
     /// The subscription to `channel`, or the `not_found` reply.
@@ -538,23 +523,23 @@ impl Session {
         &self,
         id: Option<u64>,
         channel: &str,
-    ) -> Result<Arc<Subscription>, ServerFrame> {
+    ) -> Result<Arc<Subscription>, Box<ServerFrame>> {
         self.subscriptions
             .get(channel)
             .map(|active| Arc::clone(&active.subscription))
             .ok_or_else(|| {
-                error(
+                Box::new(error(
                     id,
                     ErrorCode::NotFound,
                     format!("not subscribed to {channel:?}"),
-                )
+                ))
             })
     }
 
     async fn on_nack(&self, nack: &Nack) -> Option<ServerFrame> {
         let sub = match self.subscription(nack.id, &nack.channel) {
             Ok(sub) => sub,
-            Err(reply) => return Some(reply),
+            Err(reply) => return Some(*reply),
         };
         let (seq, delay) = (nack.seq, nack.delay_ms);
         let result = sub
@@ -573,7 +558,7 @@ impl Session {
     async fn on_progress(&self, progress: Progress) -> Option<ServerFrame> {
         let sub = match self.subscription(progress.id, &progress.channel) {
             Ok(sub) => sub,
-            Err(reply) => return Some(reply),
+            Err(reply) => return Some(*reply),
         };
         let result = sub
             .consumer
@@ -604,7 +589,7 @@ impl Session {
         }
         let sub = match self.subscription(term.id, &term.channel) {
             Ok(sub) => sub,
-            Err(reply) => return Some(reply),
+            Err(reply) => return Some(*reply),
         };
         let (seq, reason) = (term.seq, term.reason);
         let result = sub

@@ -170,7 +170,8 @@ async fn serve_socket(app: Arc<AppState>, socket: Socket, codec: Codec, remote: 
         remote: Some(remote),
         transport: "ws",
     };
-    let mut inbound = Box::pin(inbound(stream, codec, server.max_frame, server.heartbeat));
+    // Fused: the closing handshake below may poll it after it ended.
+    let mut inbound = Box::pin(inbound(stream, codec, server.max_frame, server.heartbeat).fuse());
     Session::new(Arc::clone(&app.broker), info, out_tx)
         .run(&mut inbound, app.shutdown.clone())
         .await;
