@@ -17,7 +17,7 @@ use serde::{Deserialize, Deserializer};
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -150,7 +150,7 @@ pub struct ServerConfig {
     pub heartbeat: Duration,
     /// Time a new connection has to send `connect`.
     pub connect_timeout: Duration,
-    /// Open connections at most; more wait in the accept queue.
+    /// Open connections at most; more are refused with HTTP 503.
     pub max_connections: usize,
     /// Frames queued towards one connection before its senders wait.
     pub outbound_buffer: usize,

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -123,6 +124,13 @@ async fn serve(
     let background = spawn_background(&broker, &tracker, &cancel);
     let app = public_router(state).into_make_service_with_connect_info::<SocketAddr>();
     let http_cancel = cancel.clone();
+    // Small frames must not wait for Nagle's algorithm (it added ~40 ms to
+    // every puback and delivery).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { http_cancel.cancelled().await })
         .await?;

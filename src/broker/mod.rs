@@ -22,7 +22,7 @@ pub use channel::{Channel, Message};
 use writer::{AppendRequest, WriterRequest};
 
 use crate::backoff::Backoff;
-use crate::config::{Config, NamespacePolicy};
+use crate::config::{Config, FsyncPolicy, NamespacePolicy};
 use crate::delivery::retry::{RetryError, RetryJob, RetryQueue};
 use crate::delivery::{Consumer, ConsumerMode, ConsumerState, RetryPolicy, SubscriptionId};
 use crate::protocol::{AckMode, ChannelName, ErrorCode, Headers, StartFrom};
@@ -164,11 +164,22 @@ impl Broker {
             retry,
             next_id: AtomicU64::new(1),
         };
-        broker.load_channels()?;
+        let clean = broker.store.begin_run()?;
+        broker.load_channels(clean)?;
         Ok(Arc::new(broker))
     }
 
-    fn load_channels(&self) -> Result<(), BrokerError> {
+    /// Loads every stored channel. After an unclean stop under
+    /// `fsync = "interval"`, pubacked messages of the loss window may be gone
+    /// and their seqs would be handed out again: each channel then gets a new
+    /// epoch, so clients see a reset instead of reused seqs.
+    fn load_channels(&self, clean: bool) -> Result<(), BrokerError> {
+        let reset_epochs = !clean && self.config.server.fsync == FsyncPolicy::Interval;
+        if reset_epochs {
+            tracing::warn!(
+                "the last run did not shut down cleanly and fsync = \"interval\": every channel gets a new epoch"
+            );
+        }
         let window_ms =
             u64::try_from(self.config.server.dedup_window.as_millis()).unwrap_or(u64::MAX);
         let since = now_ms().saturating_sub(window_ms);
@@ -191,8 +202,13 @@ impl Broker {
             for (id, seq, ts) in recent {
                 dedup.insert(id, seq, ts);
             }
+            let mut record = loaded.record.clone();
+            if reset_epochs {
+                record.epoch = new_epoch();
+                self.store.put_channel(&loaded.name, &record)?;
+            }
             let state = ChannelState {
-                epoch: loaded.record.epoch.clone(),
+                epoch: record.epoch.clone(),
                 assigned: loaded.last_seq,
                 first_seq: loaded.first_seq,
                 bytes: loaded.bytes,
@@ -641,6 +657,8 @@ impl Broker {
                 );
                 return;
             }
+            // Make the saved state durable soon even on an idle broker.
+            let _ = self.writer.try_send(WriterRequest::Flush(None));
         }
         let registry_key = (
             subscription.channel.name().as_str().to_owned(),
@@ -769,6 +787,7 @@ impl Broker {
                 .await
                 .map_err(|e| BrokerError::Internal(e.to_string()))??;
         }
+        self.store.mark_clean()?;
         self.flush().await?;
         let _ = self.writer.send(WriterRequest::Stop).await;
         let threads = std::mem::take(&mut *lock(&self.threads));

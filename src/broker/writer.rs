@@ -10,9 +10,10 @@
 //!   pubacks. While it flushes, the writer appends the next batch: the batch
 //!   grows with load, which is what group commit means.
 //!
-//! `fsync = "always"` flushes after every message on the writer thread;
-//! `"interval"` acknowledges at once and the flusher flushes on a timer.
-//! The flusher is the only caller of [`Store::flush_durable`].
+//! `fsync = "always"` flushes after every message on the writer thread
+//! (then the writer is the only caller of [`Store::flush_durable`]);
+//! otherwise the flusher is, and under `"interval"` it acknowledges at once
+//! and flushes on a timer. Either way, one thread flushes.
 
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;

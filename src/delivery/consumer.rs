@@ -413,6 +413,11 @@ impl ConsumerState {
             .and_then(|w| w.in_flight.values().min().copied())
     }
 
+    /// When the earliest waiting retry is due.
+    pub fn next_retry_due(&self) -> Option<u64> {
+        self.scheduled.values().min().copied()
+    }
+
     /// Fails every delivery of subscription `id` whose ack deadline passed.
     /// `unit` supplies jitter in `[0, 1)`. Returns how many expired.
     pub fn expire(

@@ -24,6 +24,10 @@ const MAX_PICK: usize = 256;
 /// Longest a pump sleeps without looking at its window.
 const IDLE: Duration = Duration::from_secs(3600);
 
+/// How late a retry job may be before the pump looks by itself (Redis
+/// schedules in whole seconds and polls; a job can also be lost).
+const LOST_JOB_GRACE_MS: u64 = 2_000;
+
 /// Wait after a store read failed before trying again.
 const READ_RETRY: Duration = Duration::from_millis(100);
 
@@ -68,9 +72,22 @@ pub(super) async fn pump(
             }
         }
         if picked.deliveries.is_empty() {
-            let next_deadline = consumer.lock().next_deadline(subscription.id);
-            let until_deadline =
-                next_deadline.map_or(IDLE, |d| Duration::from_millis(d.saturating_sub(now_ms())));
+            // Wake for the next ack deadline; and, should a retry job be
+            // lost, a while after the earliest retry is due.
+            let (deadline, retry_due) = {
+                let state = consumer.lock();
+                (state.next_deadline(subscription.id), state.next_retry_due())
+            };
+            let wake_at = [
+                deadline,
+                retry_due.map(|due| due.saturating_add(LOST_JOB_GRACE_MS)),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let until_deadline = wake_at.map_or(IDLE, |at| {
+                Duration::from_millis(at.saturating_sub(now_ms()))
+            });
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = &mut notified => {}

@@ -11,6 +11,7 @@
 //! | `consumers` | channel id ‖ consumer key | [`ConsumerRecord`] |
 //! | `dlq` | channel id ‖ seq ‖ consumer key | [`DeadLetterRecord`] |
 //! | `retries` | due ms ‖ job id | a retry job (opaque bytes, see `delivery::retry`) |
+//! | `meta` | `clean` | 1 after a graceful shutdown, 0 while running |
 //!
 //! Invariants: seq 0 is never a message; a channel's log holds a contiguous
 //! range `first_seq..=last_seq` (retention only removes a prefix); the head
@@ -145,6 +146,8 @@ pub struct Store {
     consumers: sled::Tree,
     dlq: sled::Tree,
     retries: sled::Tree,
+    /// `clean`: whether the last run shut down gracefully.
+    meta: sled::Tree,
     /// sled's data file, kept open to fdatasync it after each flush.
     data_file: File,
 }
@@ -206,9 +209,25 @@ impl Store {
             consumers: db.open_tree("consumers")?,
             dlq: db.open_tree("dlq")?,
             retries: db.open_tree("retries")?,
+            meta: db.open_tree("meta")?,
             db,
             data_file,
         })
+    }
+
+    /// Whether the previous run ended with a graceful shutdown (a new store
+    /// counts as clean). Then marks this run as running, durably.
+    pub fn begin_run(&self) -> Result<bool, StoreError> {
+        let clean = self.meta.get(b"clean")?.is_none_or(|v| v.as_ref() == [1]);
+        self.meta.insert(b"clean", &[0])?;
+        self.flush_durable()?;
+        Ok(clean)
+    }
+
+    /// Marks the run as ended gracefully (durable with the final flush).
+    pub fn mark_clean(&self) -> Result<(), StoreError> {
+        self.meta.insert(b"clean", &[1])?;
+        Ok(())
     }
 
     /// Makes every write so far durable: sled flush, then fdatasync.
