@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::channel::{Channel, Message};
+use super::channel::{Channel, ChannelState, Message};
 use super::{BrokerError, PublishOutcome, now_ms};
 use crate::config::FsyncPolicy;
 use crate::metrics;
@@ -123,6 +123,7 @@ fn writer_loop(
                 next = requests.try_recv().ok();
             }
         }
+        write_heads(store, &done);
         if policy == FsyncPolicy::Always {
             let flushed = flush(store);
             complete(done, flushed);
@@ -135,48 +136,61 @@ fn writer_loop(
     }
 }
 
+/// Writes the head record of each channel the batch appended to, once,
+/// after its messages (so a crash leaves the head at most behind the log,
+/// which start-up repairs).
+fn write_heads(store: &Store, done: &[Done]) {
+    let mut written: Vec<u64> = Vec::new();
+    for d in done.iter().rev() {
+        let Done::New { channel, .. } = d else {
+            continue;
+        };
+        if written.contains(&channel.id()) {
+            continue;
+        }
+        written.push(channel.id());
+        let head = channel.lock().head_record;
+        if let Err(e) = store.put_head(channel.id(), &head) {
+            tracing::error!(channel = %channel.name(), error = %e, "writing the channel head failed");
+        }
+    }
+}
+
 /// Publishes to an ephemeral channel on the caller's task: seq, cache and
 /// head move under one lock, so concurrent publishers stay in order.
 pub(crate) fn publish_ephemeral(request: AppendRequest) {
-    let AppendRequest {
-        channel,
-        data,
-        headers,
-        msg_id,
-        reply,
-        received: _,
-    } = request;
-    let ts = now_ms();
+    let channel = Arc::clone(&request.channel);
     let mut state = channel.lock();
-    if let Some(id) = &msg_id
-        && let Some(seq) = state.dedup.get(id, ts)
-    {
-        let _ = reply.send(Ok(PublishOutcome {
-            seq,
-            duplicate: true,
-        }));
-        return;
+    match assign(None, &mut state, request) {
+        Some(Done::New { message, reply, .. }) => {
+            let seq = message.seq;
+            channel.commit_locked(&mut state, message);
+            let _ = reply.send(Ok(PublishOutcome {
+                seq,
+                duplicate: false,
+            }));
+        }
+        Some(Done::Duplicate { seq, reply }) => {
+            let _ = reply.send(Ok(PublishOutcome {
+                seq,
+                duplicate: true,
+            }));
+        }
+        Some(Done::Flushed(_)) | None => {}
     }
-    let seq = state.assigned + 1;
-    state.assigned = seq;
-    if let Some(id) = msg_id {
-        state.dedup.insert(id, seq, ts);
-    }
-    let message = Arc::new(Message {
-        seq,
-        ts,
-        headers,
-        data,
-    });
-    channel.commit_locked(&mut state, message);
-    let _ = reply.send(Ok(PublishOutcome {
-        seq,
-        duplicate: false,
-    }));
 }
 
-/// Assigns a seq and appends; `None` when the reply was already sent (an error).
+/// Assigns a seq and appends to the store.
 fn append_one(store: &Store, request: AppendRequest) -> Option<Done> {
+    let channel = Arc::clone(&request.channel);
+    let mut state = channel.lock();
+    assign(Some(store), &mut state, request)
+}
+
+/// Under the channel lock: the `msg_id` dedup check, the next seq, the
+/// append (when a store is given) and the channel's counters. `None` when
+/// the reply was already sent (the append failed).
+fn assign(store: Option<&Store>, state: &mut ChannelState, request: AppendRequest) -> Option<Done> {
     let AppendRequest {
         channel,
         data,
@@ -186,7 +200,6 @@ fn append_one(store: &Store, request: AppendRequest) -> Option<Done> {
         received,
     } = request;
     let ts = now_ms();
-    let mut state = channel.lock();
     if let Some(id) = &msg_id
         && let Some(seq) = state.dedup.get(id, ts)
     {
@@ -199,7 +212,7 @@ fn append_one(store: &Store, request: AppendRequest) -> Option<Done> {
         headers,
         data,
     });
-    {
+    if let Some(store) = store {
         let record = MessageRecord {
             ts,
             msg_id: msg_id.clone(),
@@ -209,7 +222,7 @@ fn append_one(store: &Store, request: AppendRequest) -> Option<Done> {
         let mut head = state.head_record;
         head.last_seq = seq;
         head.appended_bytes += record.size();
-        if let Err(e) = store.append(channel.id(), seq, &record, &head) {
+        if let Err(e) = store.append(channel.id(), seq, &record) {
             tracing::error!(channel = %channel.name(), error = %e, "append failed");
             let _ = reply.send(Err(BrokerError::Unavailable(format!("storage: {e}"))));
             return None;
@@ -221,7 +234,6 @@ fn append_one(store: &Store, request: AppendRequest) -> Option<Done> {
     if let Some(id) = msg_id {
         state.dedup.insert(id, seq, ts);
     }
-    drop(state);
     Some(Done::New {
         channel,
         message,

@@ -181,17 +181,23 @@ fn from_bytes<T: DeserializeOwned>(codec: Codec, bytes: &[u8]) -> Result<T, Stri
             format!("{path}: {}", e.into_inner())
         }
     }
+    // The plain decode is the fast path; only a frame that fails is read
+    // again to name the field at fault.
     match codec {
-        Codec::Json => {
+        Codec::Json => serde_json::from_slice(bytes).map_err(|plain| {
             let mut de = serde_json::Deserializer::from_slice(bytes);
-            let value = serde_path_to_error::deserialize(&mut de).map_err(located)?;
-            de.end().map_err(|e| e.to_string())?;
-            Ok(value)
-        }
-        Codec::MsgPack => {
+            match serde_path_to_error::deserialize::<_, T>(&mut de) {
+                Err(e) => located(e),
+                Ok(_) => plain.to_string(),
+            }
+        }),
+        Codec::MsgPack => rmp_serde::from_slice(bytes).map_err(|plain| {
             let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
-            serde_path_to_error::deserialize(&mut de).map_err(located)
-        }
+            match serde_path_to_error::deserialize::<_, T>(&mut de) {
+                Err(e) => located(e),
+                Ok(_) => plain.to_string(),
+            }
+        }),
     }
 }
 

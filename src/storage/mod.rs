@@ -290,15 +290,15 @@ impl Store {
         Ok(())
     }
 
-    /// Appends one message and moves the head (durable with the next flush).
-    pub fn append(
-        &self,
-        channel: u64,
-        seq: u64,
-        record: &MessageRecord,
-        head: &HeadRecord,
-    ) -> Result<(), StoreError> {
+    /// Appends one message (durable with the next flush). The writer moves
+    /// the head with [`Store::put_head`] once per batch, after its messages.
+    pub fn append(&self, channel: u64, seq: u64, record: &MessageRecord) -> Result<(), StoreError> {
         self.log.insert(key(channel, seq), encode(record))?;
+        Ok(())
+    }
+
+    /// Records a channel's head (written after the messages it counts).
+    pub fn put_head(&self, channel: u64, head: &HeadRecord) -> Result<(), StoreError> {
         self.heads.insert(key(channel, HEAD), encode(head))?;
         Ok(())
     }
@@ -546,9 +546,8 @@ mod tests {
                     last_seq: seq,
                     appended_bytes: seq * 3,
                 };
-                store
-                    .append(7, seq, &record(seq, None, b"abc"), &head)
-                    .unwrap();
+                store.append(7, seq, &record(seq, None, b"abc")).unwrap();
+                store.put_head(7, &head).unwrap();
             }
             store.flush_durable().unwrap();
         }
@@ -590,9 +589,8 @@ mod tests {
                 last_seq: seq,
                 appended_bytes: seq * 2,
             };
-            store
-                .append(1, seq, &record(seq, None, b"xy"), &head)
-                .unwrap();
+            store.append(1, seq, &record(seq, None, b"xy")).unwrap();
+            store.put_head(1, &head).unwrap();
         }
         let (first, removed) = store.trim(1, 10, |seq, _| seq <= 4).unwrap();
         assert_eq!((first, removed), (5, 8));
@@ -616,8 +614,9 @@ mod tests {
                 appended_bytes: 0,
             };
             store
-                .append(3, seq, &record(seq * 100, Some(&id), b""), &head)
+                .append(3, seq, &record(seq * 100, Some(&id), b""))
                 .unwrap();
+            store.put_head(3, &head).unwrap();
         }
         let ids = store.recent_msg_ids(3, 300, 100).unwrap();
         assert_eq!(
