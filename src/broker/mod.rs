@@ -164,20 +164,21 @@ impl Broker {
             retry,
             next_id: AtomicU64::new(1),
         };
-        let clean = broker.store.begin_run()?;
-        broker.load_channels(clean)?;
+        let lossy_crash = broker
+            .store
+            .begin_run(config.server.fsync == FsyncPolicy::Interval)?;
+        broker.load_channels(lossy_crash)?;
         Ok(Arc::new(broker))
     }
 
-    /// Loads every stored channel. After an unclean stop under
+    /// Loads every stored channel. After an unclean stop of a run under
     /// `fsync = "interval"`, pubacked messages of the loss window may be gone
     /// and their seqs would be handed out again: each channel then gets a new
     /// epoch, so clients see a reset instead of reused seqs.
-    fn load_channels(&self, clean: bool) -> Result<(), BrokerError> {
-        let reset_epochs = !clean && self.config.server.fsync == FsyncPolicy::Interval;
+    fn load_channels(&self, reset_epochs: bool) -> Result<(), BrokerError> {
         if reset_epochs {
             tracing::warn!(
-                "the last run did not shut down cleanly and fsync = \"interval\": every channel gets a new epoch"
+                "the last run (fsync = \"interval\") did not shut down cleanly: every channel gets a new epoch"
             );
         }
         let window_ms =

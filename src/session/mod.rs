@@ -576,6 +576,10 @@ impl Session {
     /// Dead-letters the message, and makes that durable before the next
     /// frame is read (a termed message must not come back after a crash).
     async fn on_term(&self, term: Term) -> Option<ServerFrame> {
+        let sub = match self.subscription(term.id, &term.channel) {
+            Ok(sub) => sub,
+            Err(reply) => return Some(*reply),
+        };
         if term
             .reason
             .as_ref()
@@ -587,10 +591,6 @@ impl Session {
                 format!("a term reason is at most {MAX_TERM_REASON} bytes"),
             ));
         }
-        let sub = match self.subscription(term.id, &term.channel) {
-            Ok(sub) => sub,
-            Err(reply) => return Some(*reply),
-        };
         let (seq, reason) = (term.seq, term.reason);
         let result = sub
             .consumer

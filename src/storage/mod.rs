@@ -11,7 +11,7 @@
 //! | `consumers` | channel id ‖ consumer key | [`ConsumerRecord`] |
 //! | `dlq` | channel id ‖ seq ‖ consumer key | [`DeadLetterRecord`] |
 //! | `retries` | due ms ‖ job id | a retry job (opaque bytes, see `delivery::retry`) |
-//! | `meta` | `clean` | 1 after a graceful shutdown, 0 while running |
+//! | `meta` | `clean` | 1 after a graceful shutdown; while running 0, or 2 under `fsync = "interval"` |
 //!
 //! Invariants: seq 0 is never a message; a channel's log holds a contiguous
 //! range `first_seq..=last_seq` (retention only removes a prefix); the head
@@ -152,6 +152,13 @@ pub struct Store {
     data_file: File,
 }
 
+/// `meta/clean`: the last run stopped gracefully.
+const CLEAN: u8 = 1;
+/// `meta/clean`: a run is going (or crashed) and acked only after flushing.
+const RUNNING: u8 = 0;
+/// `meta/clean`: a run is going (or crashed) and acked before flushing.
+const RUNNING_LOSSY: u8 = 2;
+
 const HEAD: u64 = 0;
 const TAIL: u64 = 1;
 
@@ -215,18 +222,27 @@ impl Store {
         })
     }
 
-    /// Whether the previous run ended with a graceful shutdown (a new store
-    /// counts as clean). Then marks this run as running, durably.
-    pub fn begin_run(&self) -> Result<bool, StoreError> {
-        let clean = self.meta.get(b"clean")?.is_none_or(|v| v.as_ref() == [1]);
-        self.meta.insert(b"clean", &[0])?;
+    /// Records that a run has begun (durably) and tells whether the previous
+    /// run ended uncleanly while acknowledging before its flush
+    /// (`fsync = "interval"`), i.e. whether pubacked messages may be lost.
+    pub fn begin_run(&self, acks_before_flush: bool) -> Result<bool, StoreError> {
+        let lossy_crash = self
+            .meta
+            .get(b"clean")?
+            .is_some_and(|v| v.as_ref() == [RUNNING_LOSSY]);
+        let marker = if acks_before_flush {
+            RUNNING_LOSSY
+        } else {
+            RUNNING
+        };
+        self.meta.insert(b"clean", &[marker])?;
         self.flush_durable()?;
-        Ok(clean)
+        Ok(lossy_crash)
     }
 
     /// Marks the run as ended gracefully (durable with the final flush).
     pub fn mark_clean(&self) -> Result<(), StoreError> {
-        self.meta.insert(b"clean", &[1])?;
+        self.meta.insert(b"clean", &[CLEAN])?;
         Ok(())
     }
 
