@@ -83,12 +83,21 @@ async fn main() -> anyhow::Result<()> {
         queue.schedule(job).await?;
     }
     let push_secs = pushing.elapsed().as_secs_f64();
-    anyhow::ensure!(now_ms() < due_ms, "pushing took longer than the lead time; lower -n");
+    anyhow::ensure!(
+        now_ms() < due_ms,
+        "pushing took longer than the lead time; lower -n"
+    );
     tokio::time::sleep(Duration::from_millis(due_ms - now_ms())).await;
     let firing = Instant::now();
     tokio::time::timeout(Duration::from_secs(120), all_fired.notified())
         .await
-        .map_err(|_| anyhow::anyhow!("only {} of {} jobs fired", fired.load(Ordering::Relaxed), args.count))?;
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "only {} of {} jobs fired",
+                fired.load(Ordering::Relaxed),
+                args.count
+            )
+        })?;
     let fire_secs = firing.elapsed().as_secs_f64();
     cancel.cancel();
     let _ = tokio::task::spawn_blocking(move || worker.join()).await;
