@@ -16,12 +16,21 @@
 //! | [`metrics`] | every Prometheus metric |
 
 pub mod backoff;
-pub mod broker;
-pub mod config;
-pub mod delivery;
-pub mod metrics;
 pub mod protocol;
+
+#[cfg(feature = "server")]
+pub mod broker;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod delivery;
+#[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
 pub mod session;
+#[cfg(feature = "server")]
 pub mod storage;
+#[cfg(feature = "server")]
 pub mod transport;

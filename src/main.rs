@@ -1,4 +1,6 @@
-//! The `courier` binary: `courier serve` runs the broker.
+//! The `courier` binary: `courier serve` runs the broker; `bench` measures one.
+
+mod cli;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -21,6 +23,8 @@ struct Cli {
 enum Command {
     /// Run the broker.
     Serve(ServeArgs),
+    /// Measure a broker (a local one unless --url is given).
+    Bench(cli::bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -42,9 +46,9 @@ struct ServeArgs {
     log_format: String,
 }
 
-fn init_logging(format: &str) {
+fn init_logging(format: &str, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -86,8 +90,12 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => {
-            init_logging(&args.log_format);
+            init_logging(&args.log_format, "info");
             runtime.block_on(serve(args))
+        }
+        Command::Bench(args) => {
+            init_logging("text", "warn");
+            runtime.block_on(cli::bench::run(args))
         }
     };
     match result {

@@ -1,0 +1,4 @@
+//! The `courier` subcommands besides `serve`: thin layers over the library
+//! and the SDK (anyhow is fine here).
+
+pub mod bench;
