@@ -36,12 +36,11 @@ use crate::protocol::{
 /// What a session asks its transport to send.
 #[derive(Debug, Clone)]
 pub enum Outgoing {
-    Frame(ServerFrame),
+    /// Boxed: the queue's slots stay small, and tokio allocates a block of
+    /// them per connection up front.
+    Frame(Box<ServerFrame>),
     /// Send a close with this code and reason, then stop.
-    Close {
-        code: u16,
-        reason: String,
-    },
+    Close(Box<(u16, String)>),
 }
 
 /// What a transport hands to the session.
@@ -126,7 +125,7 @@ impl Session {
     async fn send(&self, frame: ServerFrame) -> Result<(), Closed> {
         metrics::FRAMES_OUT.with_label_values(&[frame.kind()]).inc();
         self.out
-            .send(Outgoing::Frame(frame))
+            .send(Outgoing::Frame(Box::new(frame)))
             .await
             .map_err(|_| Closed)
     }
@@ -137,10 +136,7 @@ impl Session {
             .inc();
         let _ = self
             .out
-            .send(Outgoing::Close {
-                code,
-                reason: reason.to_owned(),
-            })
+            .send(Outgoing::Close(Box::new((code, reason.to_owned()))))
             .await;
     }
 
@@ -154,10 +150,12 @@ impl Session {
     {
         let span = tracing::info_span!("connection", conn_id = %self.info.conn_id, transport = self.info.transport);
         async move {
-            if self.handshake(incoming, &shutdown).await.is_ok() {
+            // Rare, heavy steps are boxed: an idle connection's future stays
+            // small (its size is the largest step's).
+            if Box::pin(self.handshake(incoming, &shutdown)).await.is_ok() {
                 let _ = self.serve(incoming, &shutdown).await;
             }
-            self.teardown().await;
+            Box::pin(self.teardown()).await;
         }
         .instrument(span)
         .await
@@ -254,7 +252,7 @@ impl Session {
                     let Some(event) = event else {
                         return Ok(());
                     };
-                    self.on_inbound(event).await?;
+                    Box::pin(self.on_inbound(event)).await?;
                 }
             }
         }
@@ -307,12 +305,12 @@ impl Session {
                 Some(error(None, ErrorCode::BadRequest, "already connected"))
             }
             ClientFrame::Publish(publish) => self.on_publish(publish).await,
-            ClientFrame::Subscribe(subscribe) => self.on_subscribe(subscribe).await?,
-            ClientFrame::Unsubscribe(request) => Some(self.on_unsubscribe(request).await),
+            ClientFrame::Subscribe(subscribe) => Box::pin(self.on_subscribe(subscribe)).await?,
+            ClientFrame::Unsubscribe(request) => Some(Box::pin(self.on_unsubscribe(request)).await),
             ClientFrame::Ack(ack) => self.on_ack(&ack),
             ClientFrame::Nack(nack) => self.on_nack(&nack).await,
             ClientFrame::Progress(progress) => self.on_progress(progress).await,
-            ClientFrame::Term(term) => self.on_term(term).await,
+            ClientFrame::Term(term) => Box::pin(self.on_term(term)).await,
             ClientFrame::Presence(request) => Some(error(
                 Some(request.id),
                 ErrorCode::NotFound,

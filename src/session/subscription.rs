@@ -146,7 +146,7 @@ async fn send(
     metrics::FRAMES_OUT.with_label_values(&[frame.kind()]).inc();
     tokio::select! {
         _ = cancel.cancelled() => false,
-        sent = out.send(Outgoing::Frame(frame)) => sent.is_ok(),
+        sent = out.send(Outgoing::Frame(Box::new(frame))) => sent.is_ok(),
     }
 }
 

@@ -41,7 +41,7 @@ const WRITE_BATCH: usize = 256;
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Read buffer per connection; small so idle connections stay cheap.
-const READ_BUFFER: usize = 4 * 1024;
+const READ_BUFFER: usize = 2 * 1024;
 
 /// `GET /ws`: checks the upgrade request, negotiates the codec, and hands
 /// the upgraded socket to a session.
@@ -287,7 +287,8 @@ async fn write_loop(
                         continue;
                     }
                 },
-                Outgoing::Close { code, reason } => {
+                Outgoing::Close(close) => {
+                    let (code, reason) = *close;
                     let frame = CloseFrame {
                         code: code.into(),
                         reason: reason.into(),
