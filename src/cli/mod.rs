@@ -2,3 +2,4 @@
 //! and the SDK (anyhow is fine here).
 
 pub mod bench;
+pub mod pubsub;
