@@ -252,6 +252,18 @@ async fn max_deliver_dead_letters_then_requeue_and_purge() {
         (1, "max_deliver", 3)
     );
     assert_eq!(dead[0].consumer, "c/worker");
+    let peeked = dlq
+        .dlq_peek(&channel, 1, "c/worker")
+        .await
+        .unwrap()
+        .expect("peek finds it");
+    assert_eq!(peeked.message.as_ref().unwrap().data, b"poison");
+    assert!(
+        dlq.dlq_peek(&channel, 1, "c/other")
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     assert_eq!(dlq.dlq_requeue(&channel, 1..=1, None).await.unwrap(), 1);
     assert_eq!(

@@ -525,6 +525,17 @@ impl Broker {
         .map_err(BrokerError::from)
     }
 
+    /// One dead letter of `channel`: `seq` as dead-lettered by `consumer`.
+    pub async fn dlq_peek(
+        &self,
+        channel: &ChannelName,
+        seq: u64,
+        consumer: &str,
+    ) -> Result<Option<DeadLetterRecord>, BrokerError> {
+        let entries = self.dlq_list(channel, None, seq..=seq, usize::MAX).await?;
+        Ok(entries.into_iter().find(|e| e.consumer == consumer))
+    }
+
     /// Sends dead letters back to their consumers with a fresh attempt count:
     /// those with seqs in `seqs` (and of `consumer`, when given). Safe to
     /// repeat: a requeued entry leaves the DLQ. Returns how many it requeued.
