@@ -14,9 +14,13 @@
 //! | [`transport`] | WebSocket (and HTTP health) listeners; how frames travel |
 //! | [`server`] | wiring: start, background tasks, graceful shutdown |
 //! | [`metrics`] | every Prometheus metric |
+//! | [`client`] | the Rust SDK: reconnecting client, subscriptions, acks; builds without the server |
 
 pub mod backoff;
 pub mod protocol;
+
+#[cfg(feature = "client")]
+pub mod client;
 
 #[cfg(feature = "server")]
 pub mod broker;

@@ -120,7 +120,9 @@ pub struct Effects {
 
 /// An ack (or nack, progress, term) that names a seq this subscription does not hold.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("seq {0} was not delivered on this subscription")]
+#[error(
+    "seq {0} is not awaiting an ack from this consumer (never delivered, or delivered before a broker restart: then it is delivered again)"
+)]
 pub struct NotDelivered(pub u64);
 
 #[derive(Debug)]
