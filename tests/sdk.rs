@@ -6,9 +6,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -165,38 +162,7 @@ async fn publish_subscribe_ack_round_trip_in_both_codecs() {
     }
 }
 
-/// Runs the real binary on `addr` over `dir`'s data, as `ChildBroker` does
-/// (which always listens on a fresh port).
-fn serve_on(dir: &Path, addr: SocketAddr) -> ChildBroker {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
-        .args(["serve", "--listen", &addr.to_string(), "--config"])
-        .arg(dir.join("courier.toml"))
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn courier");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut sent = false;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if !sent && line.contains("addr=") {
-                let _ = tx.send(());
-                sent = true;
-            }
-        }
-    });
-    rx.recv_timeout(WAIT)
-        .expect("courier listens again on the same address");
-    ChildBroker { child, addr }
-}
+const BATCH: &str = "[server]\nfsync = \"batch\"\n";
 
 /// Reads deliveries, acks each, and reports `(seq, payload)` until dropped.
 fn consume(mut subscription: Subscription) -> tokio::sync::mpsc::Receiver<(u64, Bytes)> {
@@ -255,7 +221,7 @@ async fn kill_9_and_restart_on_the_same_port_loses_and_duplicates_nothing() {
     const COUNT: usize = 3000;
     const CHANNEL: &str = "crash:sdk";
     let dir = tempfile::tempdir().unwrap();
-    let broker = ChildBroker::start(dir.path(), "[server]\nfsync = \"batch\"\n");
+    let broker = ChildBroker::start(dir.path(), BATCH);
     let addr = broker.addr;
     let url = broker.url();
     let connect = |name: &str| {
@@ -310,7 +276,7 @@ async fn kill_9_and_restart_on_the_same_port_loses_and_duplicates_nothing() {
         .expect("a third pubacked in time")
         .unwrap();
     broker.kill9();
-    let _broker = serve_on(dir.path(), addr);
+    let _broker = ChildBroker::start_on(dir.path(), BATCH, &addr.to_string());
 
     let results = tokio::time::timeout(Duration::from_secs(90), publishing)
         .await

@@ -340,6 +340,19 @@ impl Msg {
 }
 
 impl MsgItem {
+    /// The same delivery as a `msg` frame of `channel`.
+    pub fn into_msg(self, channel: String) -> Msg {
+        Msg {
+            channel,
+            seq: self.seq,
+            data: self.data,
+            data_b64: self.data_b64,
+            headers: self.headers,
+            ts: self.ts,
+            attempt: self.attempt,
+        }
+    }
+
     /// The payload, whichever field carried it.
     pub fn payload(&self) -> Bytes {
         payload_of(&self.data, &self.data_b64)

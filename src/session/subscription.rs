@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::Outgoing;
 use crate::broker::{Broker, Message, Subscription, now_ms};
 use crate::metrics;
-use crate::protocol::{AckMode, Gap, Msg, MsgItem, Msgs, Payload, ServerFrame};
+use crate::protocol::{AckMode, Gap, MsgItem, Msgs, Payload, ServerFrame};
 
 /// Most deliveries picked per round (and per `msgs` frame).
 const MAX_PICK: usize = 256;
@@ -159,20 +159,18 @@ fn frames_for(
     batch: bool,
     batch_bytes: usize,
 ) -> Vec<ServerFrame> {
+    let item = |m: &Message| MsgItem {
+        seq: m.seq,
+        data: Some(Payload(m.data.clone())),
+        data_b64: None,
+        headers: m.headers.clone(),
+        ts: m.ts,
+        attempt: attempt_of(m.seq),
+    };
     if !batch || messages.len() < 2 {
         return messages
             .iter()
-            .map(|m| {
-                ServerFrame::Msg(Msg {
-                    channel: channel.to_owned(),
-                    seq: m.seq,
-                    data: Some(Payload(m.data.clone())),
-                    data_b64: None,
-                    headers: m.headers.clone(),
-                    ts: m.ts,
-                    attempt: attempt_of(m.seq),
-                })
-            })
+            .map(|m| ServerFrame::Msg(item(m).into_msg(channel.to_owned())))
             .collect();
     }
     let mut frames = Vec::new();
@@ -187,14 +185,7 @@ fn frames_for(
             bytes = 0;
         }
         bytes += m.size();
-        items.push(MsgItem {
-            seq: m.seq,
-            data: Some(Payload(m.data.clone())),
-            data_b64: None,
-            headers: m.headers.clone(),
-            ts: m.ts,
-            attempt: attempt_of(m.seq),
-        });
+        items.push(item(m));
     }
     if !items.is_empty() {
         frames.push(ServerFrame::Msgs(Msgs {

@@ -115,12 +115,19 @@ pub struct ChildBroker {
 }
 
 impl ChildBroker {
-    /// Runs `courier serve` with `config_toml` written to `dir/courier.toml`.
+    /// Runs `courier serve` with `config_toml` written to `dir/courier.toml`,
+    /// on a fresh port.
     pub fn start(dir: &Path, config_toml: &str) -> Self {
+        Self::start_on(dir, config_toml, "127.0.0.1:0")
+    }
+
+    /// Like [`ChildBroker::start`], listening on `listen` (e.g. the address
+    /// of a broker that was killed, to restart it where clients reconnect).
+    pub fn start_on(dir: &Path, config_toml: &str, listen: &str) -> Self {
         let config = dir.join("courier.toml");
         std::fs::write(&config, config_toml).expect("write config");
         let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .args(["serve", "--listen", listen, "--config"])
             .arg(&config)
             .arg("--data-dir")
             .arg(dir.join("data"))
