@@ -148,7 +148,10 @@ impl Session {
     where
         S: Stream<Item = Inbound> + Unpin,
     {
-        let span = tracing::info_span!("connection", conn_id = %self.info.conn_id, transport = self.info.transport);
+        // A debug span: an info-level span costs ~4 KiB per connection in
+        // the tracing registry (measured with 10,000 idle connections).
+        // Events at info and above name the connection themselves.
+        let span = tracing::debug_span!("connection", conn_id = %self.info.conn_id, transport = self.info.transport);
         async move {
             // Rare, heavy steps are boxed: an idle connection's future stays
             // small (its size is the largest step's).

@@ -100,7 +100,7 @@ pub(super) async fn pump(
         let messages = match channel.fetch(broker.store(), &seqs).await {
             Ok(messages) => messages,
             Err(e) => {
-                tracing::warn!(channel = %name, error = %e, "store read failed; retrying");
+                tracing::warn!(channel = %name, consumer = consumer.key(), error = %e, "store read failed; retrying");
                 {
                     // Not delivered after all: give them back as they were.
                     let mut state = consumer.lock();

@@ -41,7 +41,7 @@ const WRITE_BATCH: usize = 256;
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Read buffer per connection; small so idle connections stay cheap.
-const READ_BUFFER: usize = 2 * 1024;
+const READ_BUFFER: usize = 1024;
 
 /// `GET /ws`: checks the upgrade request, negotiates the codec, and hands
 /// the upgraded socket to a session.
