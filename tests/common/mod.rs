@@ -148,11 +148,13 @@ impl ChildBroker {
                 }
             }
         });
-        let addr = rx
-            .recv_timeout(WAIT)
-            .expect("courier prints its address")
-            .parse()
-            .expect("address parses");
+        let addr = rx.recv_timeout(WAIT).ok().and_then(|a| a.parse().ok());
+        let Some(addr) = addr else {
+            // Never leave a broker running behind a failed test.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("courier did not print the address it listens on");
+        };
         Self { child, addr }
     }
 
@@ -459,6 +461,12 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is installed (scripts/test.sh installs it)");
+        // Built first, so a failed start still stops the process (on drop).
+        let server = Self {
+            child,
+            port,
+            _dir: dir,
+        };
         let deadline = std::time::Instant::now() + WAIT;
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -467,11 +475,7 @@ impl RedisServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self {
-            child,
-            port,
-            _dir: dir,
-        }
+        server
     }
 
     pub fn url(&self) -> String {
