@@ -116,8 +116,6 @@ pub(crate) struct ChannelState {
     pub cache: VecDeque<Arc<Message>>,
     pub cache_bytes: usize,
     pub dedup: Dedup,
-    /// Messages published since start, for rates.
-    pub published: u64,
 }
 
 /// Cache bounds of a channel.
@@ -241,7 +239,6 @@ impl Channel {
                     state.cache_bytes -= old.size();
                 }
             }
-            state.published += 1;
         }
         self.head.send_replace(seq);
     }

@@ -220,7 +220,6 @@ impl Broker {
                 cache: Default::default(),
                 cache_bytes: 0,
                 dedup,
-                published: 0,
             };
             let limits = self.cache_limits(&policy);
             let channel = Channel::new(
@@ -295,7 +294,6 @@ impl Broker {
             cache: Default::default(),
             cache_bytes: 0,
             dedup: Dedup::new(window_ms, self.config.server.dedup_max),
-            published: 0,
         };
         let limits = self.cache_limits(&policy);
         let channel = Arc::new(Channel::new(name.clone(), id, policy, limits, state, 0));
@@ -339,20 +337,6 @@ impl Broker {
             writer::publish_ephemeral(request);
         }
         Ok(rx)
-    }
-
-    /// Publishes and waits for the puback.
-    pub async fn publish_wait(
-        &self,
-        channel: Arc<Channel>,
-        data: Bytes,
-        headers: Option<Headers>,
-        msg_id: Option<String>,
-    ) -> Result<PublishOutcome, BrokerError> {
-        self.publish(channel, data, headers, msg_id)
-            .await?
-            .await
-            .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))?
     }
 
     /// Attaches a new subscription to its consumer and positions it.
@@ -465,11 +449,6 @@ impl Broker {
         lock(&self.consumers)
             .get(&(channel.to_owned(), key.to_owned()))
             .cloned()
-    }
-
-    /// The retry queue.
-    pub fn retry_queue(&self) -> &RetryQueue {
-        &self.retry
     }
 
     /// Starts the retry queue's worker, which runs until `cancel` fires: each job that
@@ -811,16 +790,6 @@ impl Broker {
         .await
         .map_err(|e| BrokerError::Internal(e.to_string()))?;
         Ok(())
-    }
-
-    /// Bytes the store uses on disk.
-    pub fn store_size(&self) -> u64 {
-        self.store.size_on_disk()
-    }
-
-    /// How long the writer queue has room for (0 when publishers are waiting).
-    pub fn writer_capacity(&self) -> usize {
-        self.writer.capacity()
     }
 }
 

@@ -242,11 +242,6 @@ impl ConsumerState {
         self.scheduled.len()
     }
 
-    /// Seqs in flight across subscriptions.
-    pub fn in_flight_total(&self) -> usize {
-        self.windows.values().map(|w| w.in_flight.len()).sum()
-    }
-
     /// Redeliveries since the consumer was loaded.
     pub fn redelivered(&self) -> u64 {
         self.redelivered

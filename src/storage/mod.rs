@@ -526,11 +526,6 @@ impl Store {
         }
         Ok((count, max_id))
     }
-
-    /// Bytes sled uses on disk.
-    pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
-    }
 }
 
 #[cfg(test)]
