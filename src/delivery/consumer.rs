@@ -617,6 +617,14 @@ impl ConsumerState {
             .is_some_and(|w| w.in_flight.contains_key(&seq))
     }
 
+    /// Whether some subscription's window is full (its pump waits for an
+    /// ack before it can send more).
+    pub fn any_window_full(&self) -> bool {
+        self.windows
+            .values()
+            .any(|w| w.in_flight.len() + self.scheduled.len() >= w.max_in_flight)
+    }
+
     /// Seqs in flight on subscription `id`.
     pub fn in_flight(&self, id: SubscriptionId) -> usize {
         self.windows.get(&id).map_or(0, |w| w.in_flight.len())
@@ -854,6 +862,23 @@ mod tests {
         c.detach(1);
         let rest = seqs(&c.pick(2, 1, 4, 100, T0));
         assert_eq!(rest, vec![3, 4], "each seq once on tab 2");
+    }
+
+    #[test]
+    fn a_window_is_full_with_in_flight_and_waiting_retries() {
+        let mut c = consumer(ConsumerMode::Fanout, 0);
+        c.attach(1, 2);
+        c.pick(1, 1, 5, 1, T0);
+        assert!(!c.any_window_full());
+        c.pick(1, 1, 5, 10, T0);
+        assert!(c.any_window_full(), "two in flight of two");
+        c.nack(1, 1, Some(1000), T0, 0.5).unwrap();
+        assert!(
+            c.any_window_full(),
+            "one in flight, one waiting for its retry"
+        );
+        c.ack(1, &[2]).unwrap();
+        assert!(!c.any_window_full());
     }
 
     #[test]

@@ -495,9 +495,12 @@ impl Session {
             Ok(sub) => sub,
             Err(reply) => return Some(*reply),
         };
-        let result = {
+        let (result, was_full) = {
             let mut state = sub.consumer.lock();
-            match (&ack.seqs, ack.upto) {
+            // Only a full window makes a pump wait for acks; waking pumps on
+            // every ack would cost each one a pick for nothing.
+            let was_full = state.any_window_full();
+            let result = match (&ack.seqs, ack.upto) {
                 (Some(seqs), None) => state.ack(sub.id, seqs).map(|()| seqs.len()),
                 (None, Some(upto)) => state.ack_upto(sub.id, upto),
                 _ => {
@@ -507,12 +510,15 @@ impl Session {
                         "ack takes `seqs` or `upto`, exactly one",
                     ));
                 }
-            }
+            };
+            (result, was_full)
         };
         match result {
             Ok(count) => {
                 metrics::MESSAGES_ACKED.inc_by(u64::try_from(count).unwrap_or(0));
-                sub.consumer.wake();
+                if was_full {
+                    sub.consumer.wake();
+                }
                 None
             }
             Err(e) => Some(error(id, ErrorCode::BadRequest, e.to_string())),
