@@ -524,26 +524,18 @@ impl Broker {
         seqs: std::ops::RangeInclusive<u64>,
         consumer: Option<&str>,
     ) -> Result<usize, BrokerError> {
-        let entries = self.dlq_select(channel, seqs, consumer).await?;
-        let channel = self.existing_channel(channel)?;
-        let mut requeued = 0;
-        for entry in entries {
+        self.dlq_take(channel, seqs, consumer, async |channel, entry| {
             let mode = if entry.consumer.starts_with("g/") {
                 ConsumerMode::Queue
             } else {
                 ConsumerMode::Fanout
             };
-            let (target, _) = self.consumer(&channel, &entry.consumer, mode, true).await?;
+            let (target, _) = self.consumer(channel, &entry.consumer, mode, true).await?;
             target.update(|state| state.requeue(entry.seq)).await;
-            if self
-                .dlq_remove(&channel, entry.seq, &entry.consumer)
-                .await?
-            {
-                requeued += 1;
-            }
             target.wake();
-        }
-        Ok(requeued)
+            Ok(())
+        })
+        .await
     }
 
     /// Deletes dead letters with seqs in `seqs` (and of `consumer`, when
@@ -554,18 +546,32 @@ impl Broker {
         seqs: std::ops::RangeInclusive<u64>,
         consumer: Option<&str>,
     ) -> Result<usize, BrokerError> {
+        self.dlq_take(channel, seqs, consumer, async |_, _| Ok(()))
+            .await
+    }
+
+    /// Runs `each` on the selected dead letters, then removes them from the
+    /// DLQ. Returns how many it removed (a repeat finds none).
+    async fn dlq_take(
+        &self,
+        channel: &ChannelName,
+        seqs: std::ops::RangeInclusive<u64>,
+        consumer: Option<&str>,
+        mut each: impl AsyncFnMut(&Arc<Channel>, &DeadLetterRecord) -> Result<(), BrokerError>,
+    ) -> Result<usize, BrokerError> {
         let entries = self.dlq_select(channel, seqs, consumer).await?;
         let channel = self.existing_channel(channel)?;
-        let mut purged = 0;
+        let mut removed = 0;
         for entry in entries {
+            each(&channel, &entry).await?;
             if self
                 .dlq_remove(&channel, entry.seq, &entry.consumer)
                 .await?
             {
-                purged += 1;
+                removed += 1;
             }
         }
-        Ok(purged)
+        Ok(removed)
     }
 
     async fn dlq_select(
