@@ -48,13 +48,17 @@ pub(super) async fn pump(
         tokio::pin!(notified);
         notified.as_mut().enable();
         let now = now_ms();
-        let deadline = consumer.lock().next_deadline(subscription.id);
+        // The earliest ack deadline: an O(window) scan, done once per round.
+        // Still right for the idle wait below: a round that picks nothing
+        // adds no deadline, and one that picks goes round again.
+        let mut deadline = consumer.lock().next_deadline(subscription.id);
         if deadline.is_some_and(|d| d <= now) {
             let expired = consumer
                 .update(|state| state.expire(subscription.id, now, &mut || rand::random::<f64>()))
                 .await;
             tracing::debug!(channel = %name, expired, "ack deadline passed");
             consumer.wake();
+            deadline = consumer.lock().next_deadline(subscription.id);
         }
         let last = *head.borrow_and_update();
         let first = channel.first_seq();
@@ -74,10 +78,7 @@ pub(super) async fn pump(
         if picked.deliveries.is_empty() {
             // Wake for the next ack deadline; and, should a retry job be
             // lost, a while after the earliest retry is due.
-            let (deadline, retry_due) = {
-                let state = consumer.lock();
-                (state.next_deadline(subscription.id), state.next_retry_due())
-            };
+            let retry_due = consumer.lock().next_retry_due();
             let wake_at = [
                 deadline,
                 retry_due.map(|due| due.saturating_add(LOST_JOB_GRACE_MS)),
