@@ -162,6 +162,15 @@ impl ChildBroker {
         format!("ws://{}/ws", self.addr)
     }
 
+    /// SIGTERM: a graceful shutdown.
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
     /// SIGKILL: no shutdown, no flush.
     pub fn kill9(mut self) {
         let _ = self.child.kill();
