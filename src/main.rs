@@ -77,6 +77,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
+    let signal =
+        courier::server::shutdown_signal().context("cannot listen for SIGTERM and Ctrl-C")?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| {
@@ -85,7 +87,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 config.server.listen
             )
         })?;
-    courier::server::run(config, listener, courier::server::shutdown_signal()).await?;
+    courier::server::run(config, listener, signal).await?;
     Ok(())
 }
 

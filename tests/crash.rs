@@ -157,8 +157,10 @@ async fn interval_fsync_resets_the_epoch_after_a_crash_but_not_after_a_clean_sto
         after_crash, first,
         "seqs of the loss window may repeat: the epoch says so"
     );
-    broker.sigterm();
-    assert_eq!(client.expect_close().await, close::RESTARTING);
+    assert_eq!(
+        broker.sigterm_and_close_code(&mut client).await,
+        close::RESTARTING
+    );
     let _ = broker.child.wait();
 
     let broker = ChildBroker::start(dir.path(), INTERVAL);
@@ -176,8 +178,10 @@ async fn sigterm_closes_clients_with_4010_and_exits_zero() {
     let mut broker = ChildBroker::start(dir.path(), CONFIG);
     let mut client = Client::connect(&broker.url(), Codec::Json).await;
     client.publish("term:x", b"1").await;
-    broker.sigterm();
-    assert_eq!(client.expect_close().await, close::RESTARTING);
+    assert_eq!(
+        broker.sigterm_and_close_code(&mut client).await,
+        close::RESTARTING
+    );
     let exit = tokio::task::spawn_blocking(move || {
         let start = std::time::Instant::now();
         loop {

@@ -112,6 +112,8 @@ impl Drop for TestBroker {
 pub struct ChildBroker {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Everything the broker wrote to stderr, for failure messages.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl ChildBroker {
@@ -131,16 +133,22 @@ impl ChildBroker {
             .arg(&config)
             .arg("--data-dir")
             .arg(dir.join("data"))
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("COURIER_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn courier");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = std::sync::Arc::clone(&log);
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line.clone());
                 if !sent && let Some(rest) = line.split("addr=").nth(1) {
                     let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
                     let _ = tx.send(addr);
@@ -155,7 +163,12 @@ impl ChildBroker {
             let _ = child.wait();
             panic!("courier did not print the address it listens on");
         };
-        Self { child, addr }
+        Self { child, addr, log }
+    }
+
+    /// The broker's stderr so far, one line each.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
     }
 
     pub fn url(&self) -> String {
@@ -169,6 +182,17 @@ impl ChildBroker {
             .status()
             .expect("run kill");
         assert!(status.success());
+    }
+
+    /// SIGTERM, then the close code `client` receives; the broker's log is
+    /// in the panic message when no close arrives.
+    pub async fn sigterm_and_close_code(&self, client: &mut Client) -> u16 {
+        self.sigterm();
+        // Shorter than `expect_close`'s own limit, so the log gets printed.
+        match tokio::time::timeout(WAIT / 2, client.expect_close()).await {
+            Ok(code) => code,
+            Err(_) => panic!("no close after SIGTERM; broker log:\n{}", self.log_text()),
+        }
     }
 
     /// SIGKILL: no shutdown, no flush.
