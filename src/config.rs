@@ -269,11 +269,32 @@ impl Default for RetryConfig {
     }
 }
 
+/// `[admin]`: the admin listener.
+#[derive(Clone, PartialEq, Default)]
+pub struct AdminConfig {
+    /// The bearer token of every admin route (`COURIER_ADMIN_TOKEN` beats
+    /// the file). `None`: one is generated at first start and kept in the
+    /// data dir.
+    pub token: Option<String>,
+    /// Serve `/metrics` without the token.
+    pub metrics_public: bool,
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("metrics_public", &self.metrics_public)
+            .finish()
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Config {
     pub server: ServerConfig,
     pub retry: RetryConfig,
+    pub admin: AdminConfig,
     /// `[namespaces.default]`, merged over the built-in defaults.
     pub default_namespace: NamespacePolicy,
     /// Other namespaces, each merged over `default_namespace`.
@@ -298,6 +319,15 @@ struct FileConfig {
     namespaces: BTreeMap<String, FileNamespace>,
     #[serde(default)]
     retry: FileRetry,
+    #[serde(default)]
+    admin: FileAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    token: Option<String>,
+    metrics_public: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -378,6 +408,8 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
+    /// `COURIER_ADMIN_TOKEN`.
+    pub admin_token: Option<String>,
 }
 
 impl Config {
@@ -402,6 +434,9 @@ impl Config {
         }
         if let Some(dir) = &overrides.data_dir {
             config.server.data_dir = dir.clone();
+        }
+        if let Some(token) = &overrides.admin_token {
+            config.admin.token = Some(token.clone());
         }
         config
             .validate()
@@ -448,9 +483,14 @@ impl Config {
         let r = file.retry;
         retry.redis_url = r.redis_url;
         merge!(retry, r, { backend, queue }, { poll_interval });
+        let admin = AdminConfig {
+            token: file.admin.token,
+            metrics_public: file.admin.metrics_public.unwrap_or(false),
+        };
         Self {
             server,
             retry,
+            admin,
             default_namespace,
             namespaces,
         }
@@ -476,6 +516,14 @@ impl Config {
         }
         if self.retry.poll_interval.is_zero() {
             return Err("retry.poll_interval must be greater than zero".to_owned());
+        }
+        if let Some(token) = &self.admin.token
+            && (token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(
+                "admin.token must be at least 16 characters without spaces (or leave it out to have one generated)"
+                    .to_owned(),
+            );
         }
         if s.max_frame > 64 << 20 {
             return Err("server.max_frame must be at most 64MiB".to_owned());

@@ -23,6 +23,8 @@ pub mod protocol;
 pub mod client;
 
 #[cfg(feature = "server")]
+pub mod admin;
+#[cfg(feature = "server")]
 pub mod broker;
 #[cfg(feature = "server")]
 pub mod config;

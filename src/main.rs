@@ -77,6 +77,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listen: args.listen,
         admin_listen: args.admin_listen,
         data_dir: args.data_dir,
+        // From the environment only: a flag would show the token in `ps`.
+        admin_token: std::env::var("COURIER_ADMIN_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     let signal =

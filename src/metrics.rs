@@ -82,30 +82,57 @@ pub static FRAMES_OUT: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["type"],
     )
 });
-pub static MESSAGES_PUBLISHED: LazyLock<IntCounter> = LazyLock::new(|| {
-    counter(
+pub static MESSAGES_PUBLISHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
         "courier_messages_published_total",
-        "Messages stored (duplicates excluded)",
+        "Messages stored (duplicates excluded), by namespace",
+        &["namespace"],
     )
 });
-pub static MESSAGES_DELIVERED: LazyLock<IntCounter> = LazyLock::new(|| {
-    counter(
+pub static MESSAGES_DELIVERED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
         "courier_messages_delivered_total",
-        "Deliveries sent, redeliveries included",
+        "Deliveries sent, redeliveries included, by namespace",
+        &["namespace"],
     )
 });
-pub static MESSAGES_REDELIVERED: LazyLock<IntCounter> = LazyLock::new(|| {
-    counter(
+pub static MESSAGES_REDELIVERED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
         "courier_messages_redelivered_total",
-        "Deliveries with attempt > 1",
+        "Deliveries with attempt > 1, by namespace",
+        &["namespace"],
     )
 });
-pub static MESSAGES_ACKED: LazyLock<IntCounter> = LazyLock::new(|| {
-    counter(
+pub static MESSAGES_ACKED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
         "courier_messages_acked_total",
-        "Seqs acknowledged by consumers",
+        "Seqs acknowledged by consumers, by namespace",
+        &["namespace"],
     )
 });
+
+/// One namespace's message counters, resolved once per channel so the hot
+/// path does not look labels up. The label is a configured namespace's
+/// name or `default`: bounded by the config, never by clients.
+#[derive(Debug, Clone)]
+pub struct NamespaceCounters {
+    pub published: IntCounter,
+    pub delivered: IntCounter,
+    pub redelivered: IntCounter,
+    pub acked: IntCounter,
+}
+
+impl NamespaceCounters {
+    pub fn new(label: &str) -> Self {
+        Self {
+            published: MESSAGES_PUBLISHED.with_label_values(&[label]),
+            delivered: MESSAGES_DELIVERED.with_label_values(&[label]),
+            redelivered: MESSAGES_REDELIVERED.with_label_values(&[label]),
+            acked: MESSAGES_ACKED.with_label_values(&[label]),
+        }
+    }
+}
+
 pub static MESSAGES_DEAD_LETTERED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "courier_messages_dead_lettered_total",
@@ -141,6 +168,31 @@ pub static STORE_FLUSH_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
         latency_buckets(),
     )
 });
+
+pub static ACK_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "courier_ack_latency_seconds",
+        "Time from a delivery (or its last progress) to its ack",
+        vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            60.0,
+        ],
+    )
+});
+pub static STORE_BYTES: LazyLock<IntGauge> =
+    LazyLock::new(|| gauge("courier_store_bytes", "Bytes the store uses on disk"));
+pub static RETRY_QUEUE_DEPTH: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "courier_retry_queue_depth",
+        "Seqs waiting for a retry (consumers in memory)",
+    )
+});
+pub static CHANNELS: LazyLock<IntGauge> =
+    LazyLock::new(|| gauge("courier_channels", "Channels known to this node"));
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    register(IntGauge::new(name, help).unwrap_or_else(|_| unreachable_metric()))
+}
 
 /// The text exposition of every metric.
 pub fn render() -> String {

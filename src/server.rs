@@ -16,7 +16,11 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::{self, AdminState, TokenSource, resolve_token};
 use crate::broker::{Broker, BrokerError, PERSIST_INTERVAL};
+
+/// How often channel publish rates are sampled.
+const STATS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 use crate::config::{Config, RetryBackend};
 use crate::delivery::retry::RetryQueue;
 use crate::transport::{AppState, public_router};
@@ -28,6 +32,10 @@ pub enum ServerError {
     Broker(#[from] BrokerError),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error(
+        "cannot listen on {0} for the admin API ({1}); pick another address with --admin-listen or COURIER_ADMIN_LISTEN"
+    )]
+    AdminListen(SocketAddr, std::io::Error),
 }
 
 /// A running broker: its handle for callers in the same process (tests,
@@ -35,6 +43,8 @@ pub enum ServerError {
 pub struct Server {
     broker: Arc<Broker>,
     addr: SocketAddr,
+    admin_addr: SocketAddr,
+    admin_token: String,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), ServerError>>,
 }
@@ -59,15 +69,60 @@ impl Server {
             .await
             .map_err(|e| BrokerError::Internal(e.to_string()))??;
         let addr = listener.local_addr()?;
+        let admin_listener = match TcpListener::bind(config.server.admin_listen).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                // The writer threads stop with the broker.
+                let _ = broker.shutdown().await;
+                return Err(ServerError::AdminListen(config.server.admin_listen, e));
+            }
+        };
+        let admin_addr = admin_listener.local_addr()?;
+        let (admin_token, source) =
+            resolve_token(config.admin.token.as_deref(), &config.server.data_dir)?;
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(serve(Arc::clone(&broker), listener, cancel.clone()));
+        let admin = admin::router(AdminState {
+            broker: Arc::clone(&broker),
+            token: admin_token.clone(),
+            metrics_public: config.admin.metrics_public,
+        });
+        let task = tokio::spawn(serve(
+            Arc::clone(&broker),
+            listener,
+            (admin_listener, admin),
+            cancel.clone(),
+        ));
         tracing::info!(%addr, data_dir = %config.server.data_dir.display(), fsync = %config.server.fsync, "courier listening");
+        tracing::info!(admin = %admin_addr, "admin API, /metrics and the dashboard at http://{admin_addr}/admin/ui");
+        match source {
+            TokenSource::Generated => tracing::warn!(
+                "admin token generated and stored in {}: {admin_token} (dashboard: http://{admin_addr}/admin/ui?token={admin_token})",
+                config.server.data_dir.join(admin::TOKEN_FILE).display()
+            ),
+            TokenSource::File => tracing::info!(
+                "admin token: read from {}",
+                config.server.data_dir.join(admin::TOKEN_FILE).display()
+            ),
+            TokenSource::Configured => tracing::info!("admin token: from the configuration"),
+        }
         Ok(Self {
             broker,
             addr,
+            admin_addr,
+            admin_token,
             cancel,
             task,
         })
+    }
+
+    /// The address the admin listener is bound to.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The admin token every admin route needs.
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
     }
 
     /// The broker, for in-process callers.
@@ -111,6 +166,7 @@ pub async fn run(
 async fn serve(
     broker: Arc<Broker>,
     listener: TcpListener,
+    (admin_listener, admin): (TcpListener, axum::Router),
     cancel: CancellationToken,
 ) -> Result<(), ServerError> {
     let config = Arc::clone(broker.config());
@@ -131,9 +187,20 @@ async fn serve(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
+    let admin_cancel = cancel.clone();
+    let admin_server = tokio::spawn(async move {
+        axum::serve(admin_listener, admin)
+            .with_graceful_shutdown(async move { admin_cancel.cancelled().await })
+            .await
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { http_cancel.cancelled().await })
         .await?;
+    match admin_server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "the admin listener failed"),
+        Err(e) => tracing::error!(error = %e, "the admin listener task failed"),
+    }
 
     tracing::info!("shutting down: closing connections");
     tracker.close();
@@ -187,10 +254,26 @@ fn spawn_background(
             }
         })
     };
+    let stats = {
+        let (broker, cancel) = (Arc::clone(broker), cancel.clone());
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(STATS_INTERVAL);
+            let mut last = tokio::time::Instant::now();
+            while !cancel.is_cancelled() {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let now = tokio::time::Instant::now();
+                broker.sample_rates(now - last);
+                last = now;
+            }
+        })
+    };
     if let Err(e) = broker.start_retry_worker(cancel.clone()) {
         tracing::error!(error = %e, "cannot start the retry worker; retries wait for the next subscribe");
     }
-    vec![persist, retention]
+    vec![persist, retention, stats]
 }
 
 /// A future that resolves on SIGINT (Ctrl-C) or SIGTERM.

@@ -5,6 +5,7 @@
 //! readers watch the head and read the cache, or the store when behind.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -116,6 +117,8 @@ pub(crate) struct ChannelState {
     pub cache: VecDeque<Arc<Message>>,
     pub cache_bytes: usize,
     pub dedup: Dedup,
+    /// Deleted or purged by an operator: no more appends.
+    pub deleted: bool,
 }
 
 /// Cache bounds of a channel.
@@ -138,6 +141,13 @@ pub struct Channel {
     head: watch::Sender<u64>,
     /// Dead letters stored for this channel (for the `dlq_max` cap).
     dead_letters: std::sync::atomic::AtomicU64,
+    /// Live subscriptions on this node.
+    subscribers: AtomicUsize,
+    /// Publish rate, msgs/s (an `f64`'s bits), and the head it was last sampled at.
+    rate: AtomicU64,
+    rate_head: AtomicU64,
+    /// Its namespace's message counters.
+    counters: crate::metrics::NamespaceCounters,
 }
 
 impl Channel {
@@ -148,8 +158,10 @@ impl Channel {
         cache_limits: CacheLimits,
         state: ChannelState,
         dead_letters: u64,
+        counters: crate::metrics::NamespaceCounters,
     ) -> Self {
         let (head, _) = watch::channel(state.assigned);
+        let rate_head = AtomicU64::new(state.assigned);
         Self {
             name,
             id,
@@ -158,7 +170,70 @@ impl Channel {
             state: Mutex::new(state),
             head,
             dead_letters: std::sync::atomic::AtomicU64::new(dead_letters),
+            subscribers: AtomicUsize::new(0),
+            rate: AtomicU64::new(0),
+            rate_head,
+            counters,
         }
+    }
+
+    /// Its namespace's message counters.
+    pub fn counters(&self) -> &crate::metrics::NamespaceCounters {
+        &self.counters
+    }
+
+    /// Live subscriptions on this node.
+    pub fn subscribers(&self) -> usize {
+        self.subscribers.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn subscriber_added(&self) {
+        self.subscribers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn subscriber_removed(&self) {
+        self.subscribers.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Messages per second, averaged over about the last ten seconds.
+    pub fn publish_rate(&self) -> f64 {
+        f64::from_bits(self.rate.load(Ordering::Relaxed))
+    }
+
+    /// Folds the publishes since the last sample, `elapsed` ago, into the
+    /// rate: an exponentially weighted average with a ten-second horizon.
+    pub(crate) fn sample_rate(&self, elapsed: std::time::Duration) {
+        let head = self.head();
+        let before = self.rate_head.swap(head, Ordering::Relaxed);
+        let secs = elapsed.as_secs_f64();
+        if secs <= 0.0 {
+            return;
+        }
+        #[allow(clippy::cast_precision_loss)] // a rate, not an exact count
+        let instant = head.saturating_sub(before) as f64 / secs;
+        let weight = (-secs / 10.0).exp();
+        let rate = self.publish_rate() * weight + instant * (1.0 - weight);
+        self.rate.store(rate.to_bits(), Ordering::Relaxed);
+    }
+
+    /// `(messages, bytes)` held: stored for a durable channel, cached for an
+    /// ephemeral one.
+    pub fn stored(&self) -> (u64, u64) {
+        let head = self.head();
+        let state = self.lock();
+        if self.is_durable() {
+            (head + 1 - state.first_seq.min(head + 1), state.bytes)
+        } else {
+            (
+                u64::try_from(state.cache.len()).unwrap_or(u64::MAX),
+                u64::try_from(state.cache_bytes).unwrap_or(u64::MAX),
+            )
+        }
+    }
+
+    /// Marks the channel deleted: the writer refuses further appends.
+    pub(crate) fn mark_deleted(&self) {
+        self.lock().deleted = true;
     }
 
     /// Dead letters stored for this channel.

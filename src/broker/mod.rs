@@ -4,6 +4,7 @@
 //! Knows nothing of sockets or frame encodings: sessions call it with
 //! validated names and bytes, and read deliveries from channels by cursor.
 
+pub mod admin;
 mod channel;
 mod writer;
 
@@ -26,6 +27,7 @@ use crate::config::{Config, FsyncPolicy, NamespacePolicy};
 use crate::delivery::retry::{RetryError, RetryJob, RetryQueue};
 use crate::delivery::{Consumer, ConsumerMode, ConsumerState, RetryPolicy, SubscriptionId};
 use crate::protocol::{AckMode, ChannelName, ErrorCode, Headers, StartFrom};
+use crate::session::registry::Connections;
 use crate::storage::{ChannelRecord, DeadLetterRecord, HeadRecord, Store, StoreError};
 
 /// Why a broker operation failed, with the wire error code it maps to.
@@ -111,6 +113,15 @@ pub struct Subscription {
     pub recovered: bool,
 }
 
+/// What [`Broker::dlq_take`] does with each dead letter before removing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DlqAction {
+    /// Back to its consumer with a fresh attempt count.
+    Requeue,
+    /// Nothing: it is dropped.
+    Purge,
+}
+
 /// The broker: channels, consumers, the writer, the store.
 pub struct Broker {
     config: Arc<Config>,
@@ -127,6 +138,10 @@ pub struct Broker {
     retry: RetryQueue,
     next_channel_id: AtomicU64,
     next_id: AtomicU64,
+    /// Every open connection (for the admin API and presence).
+    connections: Arc<Connections>,
+    /// When this broker started, ms since the Unix epoch.
+    started_ms: u64,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -163,6 +178,8 @@ impl Broker {
             threads: Mutex::new(threads),
             retry,
             next_id: AtomicU64::new(1),
+            connections: Arc::new(Connections::default()),
+            started_ms: now_ms(),
         };
         let lossy_crash = broker
             .store
@@ -220,8 +237,10 @@ impl Broker {
                 cache: Default::default(),
                 cache_bytes: 0,
                 dedup,
+                deleted: false,
             };
             let limits = self.cache_limits(&policy);
+            let counters = self.namespace_counters(&name);
             let channel = Channel::new(
                 name,
                 loaded.record.id,
@@ -229,6 +248,7 @@ impl Broker {
                 limits,
                 state,
                 loaded.dead_letters,
+                counters,
             );
             channels.insert(loaded.name, Arc::new(channel));
         }
@@ -246,6 +266,18 @@ impl Broker {
         }
     }
 
+    /// The metric counters of `name`'s namespace: labelled with the
+    /// namespace when the config names it, else `default`.
+    fn namespace_counters(&self, name: &ChannelName) -> crate::metrics::NamespaceCounters {
+        let namespace = name.namespace();
+        let label = if self.config.namespaces.contains_key(namespace) {
+            namespace
+        } else {
+            "default"
+        };
+        crate::metrics::NamespaceCounters::new(label)
+    }
+
     /// The configuration the broker runs with.
     pub fn config(&self) -> &Arc<Config> {
         &self.config
@@ -254,6 +286,16 @@ impl Broker {
     /// The store (for readers of the log).
     pub(crate) fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// Every open connection.
+    pub fn connections(&self) -> &Arc<Connections> {
+        &self.connections
+    }
+
+    /// When this broker started, ms since the Unix epoch.
+    pub fn started_ms(&self) -> u64 {
+        self.started_ms
     }
 
     /// A fresh id for a connection or subscription.
@@ -294,9 +336,19 @@ impl Broker {
             cache: Default::default(),
             cache_bytes: 0,
             dedup: Dedup::new(window_ms, self.config.server.dedup_max),
+            deleted: false,
         };
         let limits = self.cache_limits(&policy);
-        let channel = Arc::new(Channel::new(name.clone(), id, policy, limits, state, 0));
+        let counters = self.namespace_counters(name);
+        let channel = Arc::new(Channel::new(
+            name.clone(),
+            id,
+            policy,
+            limits,
+            state,
+            0,
+            counters,
+        ));
         channels.insert(name.as_str().to_owned(), Arc::clone(&channel));
         Ok(channel)
     }
@@ -386,6 +438,7 @@ impl Broker {
             recovered
         };
         let ack = if durable { request.ack } else { AckMode::Auto };
+        channel.subscriber_added();
         Ok(Subscription {
             id,
             channel,
@@ -524,18 +577,8 @@ impl Broker {
         seqs: std::ops::RangeInclusive<u64>,
         consumer: Option<&str>,
     ) -> Result<usize, BrokerError> {
-        self.dlq_take(channel, seqs, consumer, async |channel, entry| {
-            let mode = if entry.consumer.starts_with("g/") {
-                ConsumerMode::Queue
-            } else {
-                ConsumerMode::Fanout
-            };
-            let (target, _) = self.consumer(channel, &entry.consumer, mode, true).await?;
-            target.update(|state| state.requeue(entry.seq)).await;
-            target.wake();
-            Ok(())
-        })
-        .await
+        self.dlq_take(channel, seqs, consumer, DlqAction::Requeue)
+            .await
     }
 
     /// Deletes dead letters with seqs in `seqs` (and of `consumer`, when
@@ -546,24 +589,33 @@ impl Broker {
         seqs: std::ops::RangeInclusive<u64>,
         consumer: Option<&str>,
     ) -> Result<usize, BrokerError> {
-        self.dlq_take(channel, seqs, consumer, async |_, _| Ok(()))
+        self.dlq_take(channel, seqs, consumer, DlqAction::Purge)
             .await
     }
 
-    /// Runs `each` on the selected dead letters, then removes them from the
-    /// DLQ. Returns how many it removed (a repeat finds none).
+    /// Requeues (or only drops) the selected dead letters, then removes
+    /// them from the DLQ. Returns how many it removed (a repeat finds none).
     async fn dlq_take(
         &self,
         channel: &ChannelName,
         seqs: std::ops::RangeInclusive<u64>,
         consumer: Option<&str>,
-        mut each: impl AsyncFnMut(&Arc<Channel>, &DeadLetterRecord) -> Result<(), BrokerError>,
+        action: DlqAction,
     ) -> Result<usize, BrokerError> {
         let entries = self.dlq_select(channel, seqs, consumer).await?;
         let channel = self.existing_channel(channel)?;
         let mut removed = 0;
         for entry in entries {
-            each(&channel, &entry).await?;
+            if action == DlqAction::Requeue {
+                let mode = if entry.consumer.starts_with("g/") {
+                    ConsumerMode::Queue
+                } else {
+                    ConsumerMode::Fanout
+                };
+                let (target, _) = self.consumer(&channel, &entry.consumer, mode, true).await?;
+                target.update(|state| state.requeue(entry.seq)).await;
+                target.wake();
+            }
             if self
                 .dlq_remove(&channel, entry.seq, &entry.consumer)
                 .await?
@@ -626,6 +678,7 @@ impl Broker {
     /// Detaches a subscription; what it had in flight goes back to its consumer.
     pub async fn unsubscribe(&self, subscription: &Subscription) {
         let consumer = &subscription.consumer;
+        subscription.channel.subscriber_removed();
         let (idle, record) = {
             let mut state = consumer.lock();
             state.detach(subscription.id);

@@ -54,6 +54,14 @@ pub(crate) enum WriterRequest {
     Flush(Option<oneshot::Sender<()>>),
     /// Finish what is queued before this, then stop (the flusher flushes last).
     Stop,
+    /// Remove a deleted channel from the store, after the appends queued
+    /// before this (the channel is already marked deleted, so no append
+    /// follows). Replies with the number of messages removed.
+    Delete {
+        name: String,
+        id: u64,
+        reply: oneshot::Sender<Result<u64, crate::storage::StoreError>>,
+    },
 }
 
 enum Done {
@@ -102,6 +110,7 @@ fn writer_loop(
     let mut stopping = false;
     while let Some(first) = requests.blocking_recv() {
         let mut done = Vec::with_capacity(64);
+        let mut deletes = Vec::new();
         let mut next = Some(first);
         while let Some(request) = next.take() {
             match request {
@@ -111,6 +120,7 @@ fn writer_loop(
                     }
                 }
                 WriterRequest::Stop => stopping = true,
+                WriterRequest::Delete { name, id, reply } => deletes.push((name, id, reply)),
                 WriterRequest::Flush(reply) => {
                     if let Some(reply) = reply {
                         done.push(Done::Flushed(reply));
@@ -124,6 +134,9 @@ fn writer_loop(
             }
         }
         write_heads(store, &done);
+        for (name, id, reply) in deletes {
+            let _ = reply.send(store.delete_channel(&name, id));
+        }
         if policy == FsyncPolicy::Always {
             let flushed = flush(store);
             complete(done, flushed);
@@ -164,6 +177,7 @@ pub(crate) fn publish_ephemeral(request: AppendRequest) {
     match assign(None, &mut state, request) {
         Some(Done::New { message, reply, .. }) => {
             let seq = message.seq;
+            channel.counters().published.inc();
             channel.commit_locked(&mut state, message);
             let _ = reply.send(Ok(PublishOutcome {
                 seq,
@@ -199,6 +213,13 @@ fn assign(store: Option<&Store>, state: &mut ChannelState, request: AppendReques
         reply,
         received,
     } = request;
+    if state.deleted {
+        let _ = reply.send(Err(BrokerError::Unavailable(format!(
+            "channel {} was deleted by an operator while this publish waited; publish again",
+            channel.name()
+        ))));
+        return None;
+    }
     let ts = now_ms();
     if let Some(id) = &msg_id
         && let Some(seq) = state.dedup.get(id, ts)
@@ -308,6 +329,7 @@ fn complete(done: Vec<Done>, flushed: Result<(), String>) {
                 let seq = message.seq;
                 match &flushed {
                     Ok(()) => {
+                        channel.counters().published.inc();
                         channel.commit(message);
                         metrics::PUBLISH_SECONDS.observe(received.elapsed().as_secs_f64());
                         let _ = reply.send(Ok(PublishOutcome {

@@ -124,6 +124,7 @@ impl Target {
         let mut config = Config::default();
         config.server.data_dir = dir.path().join("data");
         config.server.fsync = args.fsync;
+        config.server.admin_listen = ([127, 0, 0, 1], 0).into();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let server = courier::server::Server::start(config, listener).await?;
         Ok(Self::InProcess(server, dir))
@@ -136,7 +137,14 @@ impl Target {
         let config = dir.path().join("courier.toml");
         std::fs::write(&config, format!("[server]\nfsync = \"{}\"\n", args.fsync))?;
         let mut child = std::process::Command::new(exe)
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
             .arg(&config)
             .arg("--data-dir")
             .arg(dir.path().join("data"))

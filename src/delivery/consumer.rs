@@ -237,6 +237,53 @@ impl ConsumerState {
         self.attempts.len()
     }
 
+    /// Ms since each seq of subscription `id`'s window that `seqs` (or
+    /// `upto`) names was delivered or last had its deadline restarted: the
+    /// delivery-to-ack latency, when the ack goes through.
+    pub fn ack_ages(
+        &self,
+        id: SubscriptionId,
+        now: u64,
+        seqs: &[u64],
+        upto: Option<u64>,
+    ) -> Vec<u64> {
+        let Some(window) = self.windows.get(&id) else {
+            return Vec::new();
+        };
+        let since =
+            |deadline: u64| now.saturating_sub(deadline.saturating_sub(self.policy.ack_wait_ms));
+        match upto {
+            Some(upto) => window
+                .in_flight
+                .range(..=upto)
+                .map(|(_, d)| since(*d))
+                .collect(),
+            None => seqs
+                .iter()
+                .filter_map(|s| window.in_flight.get(s).map(|d| since(*d)))
+                .collect(),
+        }
+    }
+
+    /// Delivered seqs awaiting an ack in some subscription's window.
+    pub fn in_flight_total(&self) -> usize {
+        self.windows.values().map(|w| w.in_flight.len()).sum()
+    }
+
+    /// The oldest seq not yet acked (up to `last_seq`), requeued dead
+    /// letters included.
+    pub fn oldest_unacked(&self, last_seq: u64) -> Option<u64> {
+        let mut seq = self.floor + 1;
+        while seq <= last_seq && self.acked.contains(&seq) {
+            seq += 1;
+        }
+        let above = (seq <= last_seq).then_some(seq);
+        match (self.requeued.first().copied(), above) {
+            (Some(r), Some(a)) => Some(r.min(a)),
+            (r, a) => r.or(a),
+        }
+    }
+
     /// Seqs waiting for a retry.
     pub fn scheduled(&self) -> usize {
         self.scheduled.len()

@@ -36,6 +36,8 @@ pub struct Consumer {
     channel: Arc<Channel>,
     /// Saved to the store (durable channel, named consumer).
     persistent: bool,
+    /// Its channel was deleted: never saved again.
+    retired: std::sync::atomic::AtomicBool,
     state: Mutex<ConsumerState>,
     /// Woken on acks, nacks, fired retries and detaches.
     notify: Notify,
@@ -65,6 +67,7 @@ impl Consumer {
             key,
             channel,
             persistent,
+            retired: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(state),
             notify: Notify::new(),
             store,
@@ -84,7 +87,14 @@ impl Consumer {
 
     /// Whether its state is saved to the store.
     pub fn is_persistent(&self) -> bool {
-        self.persistent
+        self.persistent && !self.retired.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Its channel was deleted: the state is never saved again, so a
+    /// subscription still attached cannot bring the old position back.
+    pub fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The state machine, behind a short-held lock (never across an await).

@@ -11,6 +11,7 @@
 //! `max_pending_publishes` wait at a time, after which the session stops
 //! reading (backpressure reaches the client through TCP).
 
+pub mod registry;
 mod subscription;
 
 use std::collections::HashMap;
@@ -32,6 +33,7 @@ use crate::protocol::{
     ErrorFrame, IdOnly, Limits, Nack, Progress, PubAck, Publish, ServerFrame, Subscribe,
     Subscribed, Term, Unsubscribed, close,
 };
+use registry::{Control, Registration};
 
 /// What a session asks its transport to send.
 #[derive(Debug, Clone)]
@@ -88,6 +90,10 @@ pub struct Session {
     broker: Arc<Broker>,
     info: ConnectionInfo,
     out: mpsc::Sender<Outgoing>,
+    /// Kicks and ended subscriptions, from operators and the broker.
+    control: mpsc::UnboundedReceiver<Control>,
+    /// This connection in the broker's registry (removed when dropped).
+    registration: Registration,
     user: Option<String>,
     /// The client opted in to `msgs` batches.
     batch: bool,
@@ -110,10 +116,20 @@ fn broker_error(id: Option<u64>, e: &BrokerError) -> ServerFrame {
 impl Session {
     /// A session that sends through `out`.
     pub fn new(broker: Arc<Broker>, info: ConnectionInfo, out: mpsc::Sender<Outgoing>) -> Self {
+        let (control_tx, control) = mpsc::unbounded_channel();
+        let registration = broker.connections().register(
+            info.conn_id.clone(),
+            info.remote,
+            info.transport,
+            now_ms(),
+            control_tx,
+        );
         Self {
             broker,
             info,
             out,
+            control,
+            registration,
             user: None,
             batch: false,
             subscriptions: HashMap::new(),
@@ -211,6 +227,11 @@ impl Session {
             }
         };
         metrics::FRAMES_IN.with_label_values(&["connect"]).inc();
+        let handle = self.registration.handle();
+        handle
+            .msgs_in
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        handle.set_user(self.user.clone());
         self.batch = connect.batch.unwrap_or(false);
         let server = &self.broker.config().server;
         let connected = Connected {
@@ -251,12 +272,38 @@ impl Session {
                 Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
                     self.send(reply).await?;
                 }
+                Some(control) = self.control.recv() => {
+                    Box::pin(self.on_control(control)).await?;
+                }
                 event = incoming.next(), if self.pending.len() < max_pending => {
                     let Some(event) = event else {
                         return Ok(());
                     };
                     Box::pin(self.on_inbound(event)).await?;
                 }
+            }
+        }
+    }
+
+    /// A kick closes the connection (after the pubacks it owes); an ended
+    /// subscription is stopped and the client told with `unsubscribed`,
+    /// `id: 0`.
+    async fn on_control(&mut self, control: Control) -> Result<(), Closed> {
+        match control {
+            Control::Kick { code, reason } => {
+                tracing::info!(conn_id = %self.info.conn_id, code, "kicked by an operator");
+                self.drain_pending().await?;
+                self.close(code, &reason).await;
+                Err(Closed)
+            }
+            Control::EndSubscription { channel } => {
+                let Some(active) = self.subscriptions.remove(&channel) else {
+                    return Ok(());
+                };
+                self.registration.handle().unsubscribed(&channel);
+                stop(active, &self.broker).await;
+                self.send(ServerFrame::Unsubscribed(Unsubscribed { id: 0, channel }))
+                    .await
             }
         }
     }
@@ -273,6 +320,10 @@ impl Session {
         let failure = match event {
             Inbound::Frame(Ok(frame)) => {
                 self.bad_in_a_row = 0;
+                self.registration
+                    .handle()
+                    .msgs_in
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 metrics::FRAMES_IN.with_label_values(&[frame.kind()]).inc();
                 return self.on_frame(frame).await;
             }
@@ -386,10 +437,7 @@ impl Session {
             Ok(receiver) => {
                 self.pending.push_back(Box::pin(async move {
                     match receiver.await {
-                        Ok(Ok(PublishOutcome { seq, duplicate })) => {
-                            if !duplicate {
-                                metrics::MESSAGES_PUBLISHED.inc();
-                            }
+                        Ok(Ok(PublishOutcome { seq, duplicate: _ })) => {
                             ServerFrame::Puback(PubAck {
                                 id,
                                 channel: channel_name,
@@ -460,9 +508,13 @@ impl Session {
             Arc::clone(&self.broker),
             Arc::clone(&subscription),
             self.out.clone(),
+            Arc::clone(self.registration.handle()),
             self.batch,
             cancel.clone(),
         ));
+        self.registration
+            .handle()
+            .subscribed(name.as_str(), now_ms());
         self.subscriptions.insert(
             name.as_str().to_owned(),
             Active {
@@ -482,6 +534,7 @@ impl Session {
                 format!("not subscribed to {:?}", request.channel),
             );
         };
+        self.registration.handle().unsubscribed(&request.channel);
         stop(active, &self.broker).await;
         ServerFrame::Unsubscribed(Unsubscribed {
             id: request.id,
@@ -500,6 +553,12 @@ impl Session {
             // Only a full window makes a pump wait for acks; waking pumps on
             // every ack would cost each one a pick for nothing.
             let was_full = state.any_window_full();
+            let ages = state.ack_ages(
+                sub.id,
+                now_ms(),
+                ack.seqs.as_deref().unwrap_or_default(),
+                ack.upto,
+            );
             let result = match (&ack.seqs, ack.upto) {
                 (Some(seqs), None) => state.ack(sub.id, seqs).map(|()| seqs.len()),
                 (None, Some(upto)) => state.ack_upto(sub.id, upto),
@@ -511,11 +570,18 @@ impl Session {
                     ));
                 }
             };
-            (result, was_full)
+            (result.map(|count| (count, ages)), was_full)
         };
         match result {
-            Ok(count) => {
-                metrics::MESSAGES_ACKED.inc_by(u64::try_from(count).unwrap_or(0));
+            Ok((count, ages)) => {
+                sub.channel
+                    .counters()
+                    .acked
+                    .inc_by(u64::try_from(count).unwrap_or(0));
+                for age in ages {
+                    #[allow(clippy::cast_precision_loss)] // ms, far below 2^52
+                    metrics::ACK_SECONDS.observe(age as f64 / 1000.0);
+                }
                 if was_full {
                     sub.consumer.wake();
                 }

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::Outgoing;
+use super::registry::ConnectionHandle;
 use crate::broker::{Broker, Message, Subscription, now_ms};
 use crate::metrics;
 use crate::protocol::{AckMode, Gap, MsgItem, Msgs, Payload, ServerFrame};
@@ -35,6 +36,7 @@ pub(super) async fn pump(
     broker: Arc<Broker>,
     subscription: Arc<Subscription>,
     out: mpsc::Sender<Outgoing>,
+    connection: Arc<ConnectionHandle>,
     batch: bool,
     cancel: CancellationToken,
 ) {
@@ -129,8 +131,14 @@ pub(super) async fn pump(
             }
         }
         let redelivered = picked.deliveries.iter().filter(|d| d.attempt > 1).count();
-        metrics::MESSAGES_DELIVERED.inc_by(u64::try_from(messages.len()).unwrap_or(0));
-        metrics::MESSAGES_REDELIVERED.inc_by(u64::try_from(redelivered).unwrap_or(0));
+        connection.delivered(messages.len());
+        let counters = channel.counters();
+        counters
+            .delivered
+            .inc_by(u64::try_from(messages.len()).unwrap_or(0));
+        counters
+            .redelivered
+            .inc_by(u64::try_from(redelivered).unwrap_or(0));
         if subscription.ack == AckMode::Auto {
             let sent: Vec<u64> = messages.iter().map(|m| m.seq).collect();
             // Every sent seq is in flight on this subscription, so this cannot fail.

@@ -427,6 +427,58 @@ impl Store {
         Ok(())
     }
 
+    /// Every stored consumer of a channel, by name.
+    pub fn list_consumers(
+        &self,
+        channel: u64,
+    ) -> Result<Vec<(String, ConsumerRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.consumers.scan_prefix(channel.to_be_bytes()) {
+            let (k, v) = entry?;
+            let name = String::from_utf8_lossy(&k[8..]).into_owned();
+            out.push((name, decode("consumers", &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Removes a channel with its log, head, consumers and dead letters
+    /// (durable with the next flush). The record under `name` goes only if
+    /// it is still this channel's (`id`). Returns how many messages it removed.
+    pub fn delete_channel(&self, name: &str, id: u64) -> Result<u64, StoreError> {
+        if let Some(v) = self.channels.get(name)? {
+            let record: ChannelRecord = decode("channels", &v)?;
+            if record.id == id {
+                self.channels.remove(name)?;
+            }
+        }
+        let prefix = id.to_be_bytes();
+        let mut removed = 0;
+        for tree in [&self.log, &self.heads, &self.consumers, &self.dlq] {
+            // In batches: a long log must not build one huge batch in memory.
+            loop {
+                let mut batch = sled::Batch::default();
+                let mut n = 0;
+                for entry in tree.scan_prefix(prefix).keys().take(10_000) {
+                    batch.remove(entry?);
+                    n += 1;
+                }
+                if n == 0 {
+                    break;
+                }
+                tree.apply_batch(batch)?;
+                if std::ptr::eq(tree, &self.log) {
+                    removed += n;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Bytes sled uses on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
     /// One message, if it is still stored.
     pub fn read_one(&self, channel: u64, seq: u64) -> Result<Option<MessageRecord>, StoreError> {
         self.log

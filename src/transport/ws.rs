@@ -28,7 +28,6 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::{AppState, json_error};
-use crate::metrics;
 use crate::protocol::{Codec, ErrorCode, close, decode_client, encode_server};
 use crate::session::{ConnectionInfo, Inbound, Outgoing, Session};
 
@@ -159,8 +158,6 @@ fn ws_config(max_frame: u64) -> WebSocketConfig {
 }
 
 async fn serve_socket(app: Arc<AppState>, socket: Socket, codec: Codec, remote: SocketAddr) {
-    metrics::CONNECTIONS.inc();
-    metrics::CONNECTIONS_OPENED.inc();
     let server = &app.broker.config().server;
     let (sink, stream) = socket.split();
     let (out_tx, out_rx) = mpsc::channel(server.outbound_buffer);
@@ -183,7 +180,6 @@ async fn serve_socket(app: Arc<AppState>, socket: Socket, codec: Codec, remote: 
         while inbound.next().await.is_some() {}
     })
     .await;
-    metrics::CONNECTIONS.dec();
 }
 
 /// The socket's messages as session events; ends when the peer closes.

@@ -47,6 +47,7 @@ impl TestBroker {
         let temp = tempfile::tempdir().expect("temp dir");
         let mut config = Config::default();
         config.server.data_dir = temp.path().join("data");
+        config.server.admin_listen = ([127, 0, 0, 1], 0).into();
         configure(&mut config);
         Self::launch(config, Some(temp)).await
     }
@@ -82,6 +83,15 @@ impl TestBroker {
     /// `ws://` URL of the broker.
     pub fn url(&self) -> String {
         format!("ws://{}/ws", self.addr)
+    }
+
+    /// An admin API client with the right token.
+    pub fn admin(&self) -> Admin {
+        let server = self.server.as_ref().expect("running");
+        Admin::new(
+            format!("http://{}", server.admin_addr()),
+            server.admin_token(),
+        )
     }
 
     /// Shuts down gracefully and waits until the server has stopped.
@@ -132,7 +142,8 @@ impl ChildBroker {
         let config = dir.join("courier.toml");
         std::fs::write(&config, config_toml).expect("write config");
         let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
-            .args(["serve", "--listen", listen, "--config"])
+            .args(["serve", "--listen", listen, "--admin-listen", "127.0.0.1:0"])
+            .arg("--config")
             .arg(&config)
             .arg("--data-dir")
             .arg(dir.join("data"))
@@ -523,5 +534,72 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A client of the admin API.
+#[derive(Clone)]
+pub struct Admin {
+    pub base: String,
+    pub token: String,
+    http: reqwest::Client,
+}
+
+impl Admin {
+    pub fn new(base: String, token: &str) -> Self {
+        Self {
+            base,
+            token: token.to_owned(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Sends a request with the admin token; returns the status and the
+    /// body as JSON (`Value::String` when it is not JSON).
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        self.call_as(Some(&self.token), method, path, body).await
+    }
+
+    /// Like [`Admin::call`] with another token (or none).
+    pub async fn call_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = tokio::time::timeout(WAIT, request.send())
+            .await
+            .expect("admin reply in time")
+            .expect("admin request");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("admin body");
+        let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        (status, value)
+    }
+
+    pub async fn get(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.call("GET", path, None).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let (status, reply) = self.call("POST", path, Some(body)).await;
+        assert_eq!(status, 200, "POST {path}: {reply}");
+        reply
     }
 }

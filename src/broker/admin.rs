@@ -1,0 +1,480 @@
+//! What operators see and change: channel and consumer statistics, peeking
+//! at the log, purging and deleting channels, moving consumers. The admin
+//! API (`crate::admin`) serves these as JSON; the views serialize as the
+//! API's schemas in `proto/admin.openapi.yaml`.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use serde::Serialize;
+
+use super::{Broker, BrokerError, lock, now_ms};
+use crate::broker::Channel;
+use crate::config::NamespacePolicy;
+use crate::delivery::{Consumer, ConsumerMode, ConsumerState};
+use crate::protocol::{ChannelName, Headers};
+use crate::session::registry::Control;
+use crate::storage::{ConsumerRecord, MessageRecord};
+
+/// A channel in a list.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChannelSummary {
+    pub name: String,
+    pub namespace: String,
+    pub durable: bool,
+    pub epoch: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub messages: u64,
+    pub bytes: u64,
+    pub publish_rate: f64,
+    pub subscribers: usize,
+    pub dead_letters: u64,
+}
+
+/// A namespace policy, durations in ms.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyView {
+    pub durable: bool,
+    pub ack_wait_ms: u128,
+    pub max_deliver: u32,
+    pub backoff_base_ms: u128,
+    pub backoff_max_ms: u128,
+    pub max_in_flight: u32,
+    pub max_msgs: u64,
+    pub max_bytes: u64,
+    pub max_age_ms: u128,
+    pub max_retries: usize,
+    pub dlq_max: u64,
+}
+
+impl From<&NamespacePolicy> for PolicyView {
+    fn from(p: &NamespacePolicy) -> Self {
+        Self {
+            durable: p.durable,
+            ack_wait_ms: p.ack_wait.as_millis(),
+            max_deliver: p.max_deliver,
+            backoff_base_ms: p.backoff_base.as_millis(),
+            backoff_max_ms: p.backoff_max.as_millis(),
+            max_in_flight: p.max_in_flight,
+            max_msgs: p.max_msgs,
+            max_bytes: p.max_bytes,
+            max_age_ms: p.max_age.as_millis(),
+            max_retries: p.max_retries,
+            dlq_max: p.dlq_max,
+        }
+    }
+}
+
+/// One consumer of a channel.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsumerInfo {
+    pub name: String,
+    pub kind: &'static str,
+    pub floor: u64,
+    pub lag: u64,
+    pub in_flight: usize,
+    pub scheduled: usize,
+    pub oldest_unacked_age_ms: Option<u64>,
+    pub redeliveries: u64,
+    pub connected: bool,
+    pub subscriptions: usize,
+}
+
+/// A channel with its policy and consumers.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChannelDetail {
+    #[serde(flatten)]
+    pub summary: ChannelSummary,
+    pub policy: PolicyView,
+    pub consumers: Vec<ConsumerInfo>,
+}
+
+/// A stored message as operators read it: text when it is UTF-8, else base64.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredMessage {
+    pub seq: u64,
+    pub ts: u64,
+    pub msg_id: Option<String>,
+    pub headers: Headers,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_b64: Option<String>,
+}
+
+impl StoredMessage {
+    pub fn new(seq: u64, ts: u64, msg_id: Option<String>, headers: Headers, data: &[u8]) -> Self {
+        let (data, data_b64) = match std::str::from_utf8(data) {
+            Ok(text) => (Some(text.to_owned()), None),
+            Err(_) => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(data)),
+            ),
+        };
+        Self {
+            seq,
+            ts,
+            msg_id,
+            headers,
+            data,
+            data_b64,
+        }
+    }
+
+    pub fn from_record(seq: u64, record: MessageRecord) -> Self {
+        Self::new(
+            seq,
+            record.ts,
+            record.msg_id,
+            record.headers.unwrap_or_default(),
+            &record.data,
+        )
+    }
+}
+
+fn mode_of(key: &str) -> ConsumerMode {
+    if key.starts_with("g/") {
+        ConsumerMode::Queue
+    } else {
+        ConsumerMode::Fanout
+    }
+}
+
+fn kind(mode: ConsumerMode) -> &'static str {
+    match mode {
+        ConsumerMode::Queue => "queue",
+        ConsumerMode::Fanout => "fanout",
+    }
+}
+
+impl Broker {
+    /// A channel's numbers.
+    pub fn channel_summary(&self, channel: &Channel) -> ChannelSummary {
+        let (epoch, first_seq, last_seq) = channel.position();
+        let (messages, bytes) = channel.stored();
+        ChannelSummary {
+            name: channel.name().as_str().to_owned(),
+            namespace: channel.name().namespace().to_owned(),
+            durable: channel.is_durable(),
+            epoch,
+            first_seq,
+            last_seq,
+            messages,
+            bytes,
+            publish_rate: channel.publish_rate(),
+            subscribers: channel.subscribers(),
+            dead_letters: channel
+                .dead_letters()
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Channels whose names start with `prefix`, after `after`, by name.
+    pub fn channel_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Vec<Arc<Channel>> {
+        let channels = lock(&self.channels);
+        let mut names: Vec<&String> = channels
+            .keys()
+            .filter(|n| n.starts_with(prefix) && after.is_none_or(|a| n.as_str() > a))
+            .collect();
+        names.sort();
+        names
+            .into_iter()
+            .take(limit)
+            .filter_map(|n| channels.get(n).cloned())
+            .collect()
+    }
+
+    /// A channel that exists (never creates one).
+    pub fn find_channel(&self, name: &ChannelName) -> Result<Arc<Channel>, BrokerError> {
+        self.existing_channel(name)
+    }
+
+    /// A channel with its policy and every consumer: those in memory and
+    /// those only stored.
+    pub async fn channel_detail(&self, name: &ChannelName) -> Result<ChannelDetail, BrokerError> {
+        let channel = self.existing_channel(name)?;
+        let summary = self.channel_summary(&channel);
+        let loaded: Vec<Arc<Consumer>> = lock(&self.consumers)
+            .iter()
+            .filter(|((c, _), _)| c == name.as_str())
+            .map(|(_, consumer)| Arc::clone(consumer))
+            .collect();
+        let stored = if channel.is_durable() {
+            let (store, id) = (Arc::clone(&self.store), channel.id());
+            tokio::task::spawn_blocking(move || store.list_consumers(id))
+                .await
+                .map_err(|e| BrokerError::Internal(e.to_string()))??
+        } else {
+            Vec::new()
+        };
+        let mut consumers = Vec::new();
+        for consumer in &loaded {
+            let state = consumer.lock();
+            consumers.push((
+                loaded_info(consumer.key(), &state, summary.last_seq),
+                state.oldest_unacked(summary.last_seq),
+            ));
+        }
+        for (key, record) in stored {
+            if loaded.iter().any(|c| c.key() == key) {
+                continue;
+            }
+            let oldest = oldest_unacked_of(&record, summary.last_seq);
+            consumers.push((stored_info(key, &record, summary.last_seq), oldest));
+        }
+        let now = now_ms();
+        let mut out = Vec::with_capacity(consumers.len());
+        for (mut info, oldest) in consumers {
+            info.oldest_unacked_age_ms = match oldest {
+                Some(seq) => self
+                    .message_ts(&channel, seq.max(summary.first_seq))
+                    .await
+                    .map(|ts| now.saturating_sub(ts)),
+                None => None,
+            };
+            out.push(info);
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(ChannelDetail {
+            summary,
+            policy: PolicyView::from(channel.policy()),
+            consumers: out,
+        })
+    }
+
+    /// The publish time of a message, from the cache or the store.
+    async fn message_ts(&self, channel: &Arc<Channel>, seq: u64) -> Option<u64> {
+        if seq > channel.head() {
+            return None;
+        }
+        if let Some(ts) = channel
+            .lock()
+            .cache
+            .iter()
+            .find(|m| m.seq == seq)
+            .map(|m| m.ts)
+        {
+            return Some(ts);
+        }
+        if !channel.is_durable() {
+            return None;
+        }
+        let (store, id) = (Arc::clone(&self.store), channel.id());
+        tokio::task::spawn_blocking(move || store.read_one(id, seq))
+            .await
+            .ok()?
+            .ok()?
+            .map(|record| record.ts)
+    }
+
+    /// Up to `limit` messages with seqs in `from..=to`, oldest first.
+    pub async fn peek(
+        &self,
+        name: &ChannelName,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, BrokerError> {
+        let channel = self.existing_channel(name)?;
+        let to = to.min(channel.head());
+        if from > to {
+            return Ok(Vec::new());
+        }
+        if !channel.is_durable() {
+            let state = channel.lock();
+            return Ok(state
+                .cache
+                .iter()
+                .filter(|m| (from..=to).contains(&m.seq))
+                .take(limit)
+                .map(|m| {
+                    StoredMessage::new(
+                        m.seq,
+                        m.ts,
+                        None,
+                        m.headers.clone().unwrap_or_default(),
+                        &m.data,
+                    )
+                })
+                .collect());
+        }
+        let (store, id) = (Arc::clone(&self.store), channel.id());
+        let records = tokio::task::spawn_blocking(move || store.read_range(id, from, to, limit))
+            .await
+            .map_err(|e| BrokerError::Internal(e.to_string()))??;
+        Ok(records
+            .into_iter()
+            .map(|(seq, record)| StoredMessage::from_record(seq, record))
+            .collect())
+    }
+
+    /// Deletes a channel: its messages, consumers and dead letters. Live
+    /// subscriptions are ended (`unsubscribed`, `id: 0`); the next use of
+    /// the name creates the channel anew, with a new epoch. Returns the
+    /// number of stored messages removed.
+    pub async fn delete_channel(&self, name: &ChannelName) -> Result<u64, BrokerError> {
+        let channel = {
+            let mut channels = lock(&self.channels);
+            channels
+                .remove(name.as_str())
+                .ok_or_else(|| BrokerError::NotFound(format!("no channel {name}")))?
+        };
+        channel.mark_deleted();
+        let retired: Vec<Arc<Consumer>> = {
+            let mut consumers = lock(&self.consumers);
+            let keys: Vec<_> = consumers
+                .keys()
+                .filter(|(c, _)| c == name.as_str())
+                .cloned()
+                .collect();
+            keys.iter().filter_map(|k| consumers.remove(k)).collect()
+        };
+        for consumer in &retired {
+            consumer.retire();
+        }
+        for connection in self.connections.subscribed_to(name.as_str()) {
+            connection.send(Control::EndSubscription {
+                channel: name.as_str().to_owned(),
+            });
+        }
+        if !channel.is_durable() {
+            let (messages, _) = channel.stored();
+            return Ok(messages);
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.writer
+            .send(super::writer::WriterRequest::Delete {
+                name: name.as_str().to_owned(),
+                id: channel.id(),
+                reply,
+            })
+            .await
+            .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))?;
+        let removed = rx
+            .await
+            .map_err(|_| BrokerError::Unavailable("the writer has stopped".into()))??;
+        self.flush().await?;
+        tracing::info!(channel = %name, removed, "channel deleted by an operator");
+        Ok(removed)
+    }
+
+    /// Drops every message of a channel and gives it a new epoch (seqs
+    /// start again at 1). Consumers and dead letters go with the messages.
+    pub async fn purge_channel(&self, name: &ChannelName) -> Result<ChannelSummary, BrokerError> {
+        self.delete_channel(name).await?;
+        let channel = self.channel(name)?;
+        self.flush().await?;
+        Ok(self.channel_summary(&channel))
+    }
+
+    /// Moves a consumer: every seq up to `seq` counts as acked, everything
+    /// after it is delivered again.
+    pub async fn reset_consumer(
+        &self,
+        name: &ChannelName,
+        key: &str,
+        seq: u64,
+    ) -> Result<ConsumerInfo, BrokerError> {
+        let channel = self.existing_channel(name)?;
+        let head = channel.head();
+        if seq > head {
+            return Err(BrokerError::BadRequest(format!(
+                "seq {seq} is past the channel's last seq ({head})"
+            )));
+        }
+        let known = self.loaded_consumer(name.as_str(), key).is_some() || {
+            let (store, id, k) = (Arc::clone(&self.store), channel.id(), key.to_owned());
+            channel.is_durable()
+                && tokio::task::spawn_blocking(move || store.load_consumer(id, &k))
+                    .await
+                    .map_err(|e| BrokerError::Internal(e.to_string()))??
+                    .is_some()
+        };
+        if !known {
+            return Err(BrokerError::NotFound(format!(
+                "channel {name} has no consumer {key:?}"
+            )));
+        }
+        let persistent = channel.is_durable() && !key.starts_with("s/");
+        let (consumer, _) = self
+            .consumer(&channel, key, mode_of(key), persistent)
+            .await?;
+        consumer.update(|state| state.reset(seq)).await;
+        consumer.wake();
+        if consumer.is_persistent() {
+            let record = consumer.lock().record();
+            let (store, id, k) = (Arc::clone(&self.store), channel.id(), key.to_owned());
+            tokio::task::spawn_blocking(move || store.save_consumer(id, &k, &record))
+                .await
+                .map_err(|e| BrokerError::Internal(e.to_string()))??;
+            self.flush().await?;
+        }
+        tracing::info!(channel = %name, consumer = key, seq, "consumer reset by an operator");
+        let state = consumer.lock();
+        Ok(loaded_info(consumer.key(), &state, head))
+    }
+
+    /// Samples every channel's publish rate; call about once a second.
+    pub fn sample_rates(&self, elapsed: std::time::Duration) {
+        let channels: Vec<Arc<Channel>> = lock(&self.channels).values().cloned().collect();
+        for channel in channels {
+            channel.sample_rate(elapsed);
+        }
+    }
+
+    /// Seqs waiting for a retry, over the consumers in memory.
+    pub fn retries_waiting(&self) -> usize {
+        let consumers: Vec<Arc<Consumer>> = lock(&self.consumers).values().cloned().collect();
+        consumers.iter().map(|c| c.lock().scheduled()).sum()
+    }
+
+    /// Bytes the store uses on disk.
+    pub fn store_size(&self) -> u64 {
+        self.store.size_on_disk()
+    }
+}
+
+fn loaded_info(key: &str, state: &ConsumerState, last_seq: u64) -> ConsumerInfo {
+    ConsumerInfo {
+        name: key.to_owned(),
+        kind: kind(state.mode()),
+        floor: state.floor(),
+        lag: last_seq.saturating_sub(state.floor()),
+        in_flight: state.in_flight_total(),
+        scheduled: state.scheduled(),
+        oldest_unacked_age_ms: None,
+        redeliveries: state.redelivered(),
+        connected: state.subscriptions() > 0,
+        subscriptions: state.subscriptions(),
+    }
+}
+
+fn stored_info(key: String, record: &ConsumerRecord, last_seq: u64) -> ConsumerInfo {
+    ConsumerInfo {
+        kind: kind(mode_of(&key)),
+        name: key,
+        floor: record.floor,
+        lag: last_seq.saturating_sub(record.floor),
+        in_flight: 0,
+        scheduled: record.scheduled.len(),
+        oldest_unacked_age_ms: None,
+        redeliveries: 0,
+        connected: false,
+        subscriptions: 0,
+    }
+}
+
+/// The lowest seq above the floor that is not acked, if any is waiting.
+fn oldest_unacked_of(record: &ConsumerRecord, last_seq: u64) -> Option<u64> {
+    let mut seq = record.floor + 1;
+    while seq <= last_seq && record.acked.contains(&seq) {
+        seq += 1;
+    }
+    (seq <= last_seq).then_some(seq)
+}
