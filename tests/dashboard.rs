@@ -248,7 +248,10 @@ async fn scenario(broker: &AdminBroker, browser: &Browser) {
         "the outcome is reported"
     );
 
-    let (status, list) = broker.get("/admin/channels/dash:orders%2Feu/dlq").await;
+    let (status, list) = broker
+        .api
+        .call("GET", "/admin/channels/dash:orders%2Feu/dlq", None)
+        .await;
     assert_eq!((status, &list["entries"]), (200, &json!([])), "{list}");
     let again = client.deliveries(1).await;
     assert_eq!((again[0].0, again[0].1.as_slice()), (1, &b"first"[..]));

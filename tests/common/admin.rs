@@ -1,32 +1,28 @@
-//! The real `courier` binary with its admin listener on a free loopback
-//! port and a known admin token ([`AdminBroker`]), and a minimal HTTP
-//! client for checking the admin API from a test ([`AdminBroker::get`],
-//! [`AdminBroker::post`]).
+//! The real `courier` binary with its admin listener up and the address
+//! and token known ([`AdminBroker`]), for tests of the tools that use the
+//! admin API from outside: `courier admin` and the dashboard.
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use serde_json::Value;
-
-use super::{ChildBroker, WAIT};
+use super::{Admin, ChildBroker, WAIT};
 
 /// The admin token the tests configure (at least 16 characters).
 pub const TOKEN: &str = "test-admin-token-0123456789";
 
-/// A `courier serve` child with its admin listener up.
+/// A `courier serve` child (admin listener on a free port).
 pub struct AdminBroker {
     pub broker: ChildBroker,
     /// `http://127.0.0.1:<port>`, no trailing slash.
     pub admin_url: String,
     pub token: String,
+    /// The admin API with the right token, for checks.
+    pub api: Admin,
     /// The broker's data dir (`admin.token` lives here).
     pub data_dir: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
-/// A port that was free a moment ago (the broker binds it right after).
+/// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
     probe.local_addr().expect("addr").port()
@@ -42,22 +38,10 @@ impl AdminBroker {
     /// and keeps it in `<data dir>/admin.token`).
     pub fn start_with_token(token: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
-        let mut config = format!("[server]\nadmin_listen = \"127.0.0.1:{port}\"\n");
-        if let Some(token) = token {
-            config.push_str(&format!("\n[admin]\ntoken = \"{token}\"\n"));
-        }
+        let config = token.map_or_else(String::new, |t| format!("[admin]\ntoken = \"{t}\"\n"));
         let broker = ChildBroker::start(dir.path(), &config);
         let data_dir = dir.path().join("data");
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the admin listener did not open on {port}; broker log:\n{}",
-                broker.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let admin_addr = admin_addr(&broker);
         let token = match token {
             Some(token) => token.to_owned(),
             None => std::fs::read_to_string(data_dir.join("admin.token"))
@@ -65,70 +49,35 @@ impl AdminBroker {
                 .trim()
                 .to_owned(),
         };
+        let admin_url = format!("http://{admin_addr}");
         Self {
+            api: Admin::new(admin_url.clone(), &token),
             broker,
-            admin_url: format!("http://127.0.0.1:{port}"),
+            admin_url,
             token,
             data_dir,
             _dir: dir,
         }
     }
+}
 
-    /// `GET <admin_url><path>` with the token: the status and JSON body.
-    pub async fn get(&self, path: &str) -> (u16, Value) {
-        self.request("GET", path, None).await
-    }
-
-    /// `POST <admin_url><path>` with a JSON body and the token.
-    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        self.request("POST", path, Some(body)).await
-    }
-
-    async fn request(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let authority = self.admin_url.trim_start_matches("http://").to_owned();
-        let exchange = async {
-            let stream = tokio::net::TcpStream::connect(&authority)
-                .await
-                .expect("connect to the admin listener");
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .expect("http handshake");
-            let connection = tokio::spawn(connection);
-            let mut request = Request::builder()
-                .method(method)
-                .uri(path)
-                .header("host", &authority)
-                .header("authorization", format!("Bearer {}", self.token));
-            let body = match body {
-                Some(body) => {
-                    request = request.header("content-type", "application/json");
-                    Bytes::from(serde_json::to_vec(&body).expect("json"))
-                }
-                None => Bytes::new(),
-            };
-            let response = sender
-                .send_request(request.body(Full::new(body)).expect("request"))
-                .await
-                .expect("response");
-            let status = response.status().as_u16();
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .expect("body")
-                .to_bytes();
-            connection.abort();
-            let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                panic!(
-                    "{method} {path} answered {status} without JSON: {}",
-                    String::from_utf8_lossy(&bytes)
-                )
-            });
-            (status, value)
-        };
-        tokio::time::timeout(WAIT, exchange)
-            .await
-            .expect("the admin API answers in time")
+/// The admin listener's address, from the `admin=` field the broker logs
+/// right after its public address.
+fn admin_addr(broker: &ChildBroker) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let log = broker.log_text();
+        let found = log
+            .split("admin=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next());
+        if let Some(addr) = found {
+            return addr.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broker did not log its admin address; log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
