@@ -289,9 +289,28 @@ impl fmt::Debug for AdminConfig {
     }
 }
 
+/// `[log]`: what the broker logs and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    /// A `tracing` filter (`info`, `courier=debug,info`, …); `RUST_LOG` beats it.
+    pub level: String,
+    /// `text` or `json`; `--log-format` beats it.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            format: "text".to_owned(),
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Config {
+    pub log: LogConfig,
     pub server: ServerConfig,
     pub retry: RetryConfig,
     pub admin: AdminConfig,
@@ -321,6 +340,22 @@ struct FileConfig {
     retry: FileRetry,
     #[serde(default)]
     admin: FileAdmin,
+    #[serde(default)]
+    log: FileLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLog {
+    level: Option<String>,
+    format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -487,7 +522,16 @@ impl Config {
             token: file.admin.token,
             metrics_public: file.admin.metrics_public.unwrap_or(false),
         };
+        let defaults = LogConfig::default();
+        let log = LogConfig {
+            level: file.log.level.unwrap_or(defaults.level),
+            format: match file.log.format {
+                Some(LogFormat::Json) => "json".to_owned(),
+                Some(LogFormat::Text) | None => defaults.format,
+            },
+        };
         Self {
+            log,
             server,
             retry,
             admin,

@@ -53,9 +53,9 @@ struct ServeArgs {
     /// Where messages and consumer state are stored.
     #[arg(long, env = "COURIER_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Log format: `text` (default) or `json`.
-    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
+    /// Log format: `text` or `json` (default: `[log] format`, else `text`).
+    #[arg(long, value_parser = ["text", "json"])]
+    log_format: Option<String>,
 }
 
 fn init_logging(format: &str, default_level: &str) {
@@ -83,6 +83,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .filter(|t| !t.is_empty()),
     };
     let config = Config::load(args.config.as_deref(), &overrides)?;
+    tracing_subscriber::EnvFilter::try_new(&config.log.level).with_context(|| {
+        format!(
+            "[log] level {:?} is not a log filter (e.g. \"info\" or \"courier=debug,info\")",
+            config.log.level
+        )
+    })?;
+    // RUST_LOG beats `[log] level`; the flag beats `[log] format`.
+    let format = args.log_format.as_deref().unwrap_or(&config.log.format);
+    init_logging(format, &config.log.level);
     let signal =
         courier::server::shutdown_signal().context("cannot listen for SIGTERM and Ctrl-C")?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
@@ -107,10 +116,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Serve(args) => {
-            init_logging(&args.log_format, "info");
-            runtime.block_on(serve(args))
-        }
+        Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Pub(args) => {
             init_logging("text", "warn");
             runtime.block_on(cli::pubsub::publish(args))

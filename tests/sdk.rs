@@ -701,3 +701,41 @@ async fn a_server_gone_silent_is_dropped_after_two_heartbeats() {
     wait_event(&mut events, |e| matches!(e, Event::Connected { .. })).await;
     client.close().await;
 }
+
+#[tokio::test]
+async fn a_purged_channel_is_subscribed_again_and_reported_as_an_epoch_change() {
+    let broker = TestBroker::start().await;
+    let url = broker.url();
+    let client = Client::builder(url.as_str()).connect().await.unwrap();
+    let mut events = client.events();
+    let mut sub = client.subscribe("feed:p").consumer("reader").await.unwrap();
+    client.publish("feed:p", "1").await.unwrap();
+    next(&mut sub).await.ack().await.unwrap();
+
+    broker
+        .admin()
+        .post("/admin/channels/feed:p/purge", serde_json::json!({}))
+        .await;
+    let resumed = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(event @ Event::Resumed { .. }) = events.recv().await {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("a resumed event");
+    assert_eq!(
+        resumed,
+        Event::Resumed {
+            channel: "feed:p".into(),
+            recovered: true,
+            epoch_changed: true,
+        }
+    );
+    // The same Subscription goes on under the new epoch.
+    assert_eq!(client.publish("feed:p", "after").await.unwrap(), 1);
+    let delivery = next(&mut sub).await;
+    assert_eq!((delivery.seq, &delivery.data[..]), (1, &b"after"[..]));
+    client.close().await;
+}

@@ -54,6 +54,9 @@ impl Driver {
                 }
             }
             ServerFrame::Subscribed(subscribed) => self.on_subscribed(subscribed),
+            ServerFrame::Unsubscribed(unsubscribed) if unsubscribed.id == 0 => {
+                self.on_ended(&unsubscribed.channel);
+            }
             ServerFrame::Unsubscribed(unsubscribed) => {
                 if let Some(Request::Unsubscribe { reply, .. }) =
                     self.requests.remove(&unsubscribed.id)
@@ -193,6 +196,25 @@ impl Driver {
             return;
         }
         self.flush_parked(sub_id);
+    }
+
+    /// The server ended a subscription (an operator purged or deleted its
+    /// channel): subscribe again at once. The `subscribed` that answers
+    /// reports the new epoch as [`Event::Resumed`] with `epoch_changed`.
+    fn on_ended(&mut self, channel: &str) {
+        let Some(sub_id) = self
+            .subs
+            .iter()
+            .find(|(_, s)| s.live && s.spec.channel == channel)
+            .map(|(id, _)| *id)
+        else {
+            return;
+        };
+        if let Some(sub) = self.subs.get_mut(&sub_id) {
+            sub.live = false;
+        }
+        tracing::info!(%channel, "the server ended the subscription; subscribing again");
+        self.send_subscribe(sub_id);
     }
 
     /// Sends the controls parked for `sub_id` while it was not subscribed.

@@ -167,7 +167,12 @@ impl Session {
         // A debug span: an info-level span costs ~4 KiB per connection in
         // the tracing registry (measured with 10,000 idle connections).
         // Events at info and above name the connection themselves.
-        let span = tracing::debug_span!("connection", conn_id = %self.info.conn_id, transport = self.info.transport);
+        let span = tracing::debug_span!(
+            "connection",
+            conn_id = %self.info.conn_id,
+            transport = self.info.transport,
+            user = tracing::field::Empty
+        );
         async move {
             // Rare, heavy steps are boxed: an idle connection's future stays
             // small (its size is the largest step's).
@@ -232,6 +237,9 @@ impl Session {
             .msgs_in
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         handle.set_user(self.user.clone());
+        if let Some(user) = &self.user {
+            tracing::Span::current().record("user", user.as_str());
+        }
         self.batch = connect.batch.unwrap_or(false);
         let server = &self.broker.config().server;
         let connected = Connected {
