@@ -1,5 +1,5 @@
 //! The `courier` binary: `serve` runs the broker; `pub` and `sub` talk to
-//! one; `bench` measures one.
+//! one; `bench` measures one; `admin` inspects and operates one.
 
 mod cli;
 
@@ -35,6 +35,8 @@ enum Command {
     Sub(cli::pubsub::SubArgs),
     /// Measure a broker (a local one unless --url is given).
     Bench(cli::bench::BenchArgs),
+    /// Inspect and operate a running broker through its admin API.
+    Admin(cli::admin::AdminArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -126,6 +128,10 @@ fn main() -> ExitCode {
         Command::Bench(args) => {
             init_logging("text", "warn");
             runtime.block_on(cli::bench::run(args))
+        }
+        Command::Admin(args) => {
+            init_logging("text", "warn");
+            runtime.block_on(cli::admin::run(args))
         }
     };
     match result {

@@ -1,6 +1,7 @@
 //! Test harness: a real broker on 127.0.0.1:0 with a temp data dir
-//! ([`TestBroker`], in-process; [`ChildBroker`], the real binary), and a
-//! real WebSocket client speaking either codec ([`Client`]).
+//! ([`TestBroker`], in-process; [`ChildBroker`], the real binary;
+//! [`admin::AdminBroker`], the binary with its admin listener), and a real
+//! WebSocket client speaking either codec ([`Client`]).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -8,6 +9,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+pub mod admin;
 
 use courier::config::Config;
 use courier::protocol::*;
