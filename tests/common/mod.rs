@@ -3,6 +3,8 @@
 //! real WebSocket client speaking either codec ([`Client`]).
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
