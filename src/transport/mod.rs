@@ -125,6 +125,7 @@ pub fn public_router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -141,6 +142,14 @@ async fn readyz(axum::extract::State(state): axum::extract::State<Arc<AppState>>
         );
     }
     axum::Json(serde_json::json!({"status": "ready"})).into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::BadRequest,
+        "this endpoint does not take that method; see proto/public.openapi.yaml",
+    )
 }
 
 async fn not_found() -> Response {
