@@ -292,6 +292,8 @@ pub struct HttpConfig {
     pub publish_batch_max: usize,
     /// Body of one `POST /api/publish/batch`, at most.
     pub publish_batch_max_bytes: u64,
+    /// Origins whose pages may call `/sse`, `/poll` and `/api` (CORS); `"*"` for any.
+    pub cors_allow_origins: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -307,6 +309,7 @@ impl Default for HttpConfig {
             max_sessions: 10_000,
             publish_batch_max: 1000,
             publish_batch_max_bytes: 8 << 20,
+            cors_allow_origins: Vec::new(),
         }
     }
 }
@@ -395,6 +398,7 @@ struct FileHttp {
     max_sessions: Option<usize>,
     publish_batch_max: Option<usize>,
     publish_batch_max_bytes: Option<ByteSize>,
+    cors_allow_origins: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -548,7 +552,7 @@ impl Config {
         let mut http = HttpConfig::default();
         let h = file.http;
         merge!(http, h, { poll_max_frames, poll_max_bytes, max_sessions, publish_batch_max,
-            publish_batch_max_bytes },
+            publish_batch_max_bytes, cors_allow_origins },
             { sse_retry, sse_max_age, poll_wait, poll_wait_max, session_idle_timeout });
         Self {
             server,

@@ -736,3 +736,47 @@ async fn an_empty_poll_returns_at_the_timeout_with_the_same_cursor() {
     assert_eq!(body["frames"], json!([]));
     assert_eq!(body["cursor"], json!(cursor));
 }
+
+#[tokio::test]
+async fn cors_only_for_configured_origins() {
+    let broker = TestBroker::start_with(|config| {
+        config.http.cors_allow_origins = vec!["http://app.example".into()];
+    })
+    .await;
+    let origin = [("origin", "http://app.example")];
+    let reply = http::request(broker.addr, "OPTIONS", "/sse/ack", &origin, Vec::new()).await;
+    assert_eq!(reply.status, 204);
+    assert_eq!(
+        reply.headers["access-control-allow-origin"],
+        "http://app.example"
+    );
+    assert!(
+        reply.headers["access-control-allow-headers"]
+            .to_str()
+            .unwrap()
+            .contains("last-event-id")
+    );
+    let reply = http::request(
+        broker.addr,
+        "GET",
+        "/poll?channels=x:1&wait=0",
+        &origin,
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.headers["access-control-allow-origin"],
+        "http://app.example"
+    );
+    let other = [("origin", "http://evil.example")];
+    let reply = http::request(
+        broker.addr,
+        "GET",
+        "/poll?channels=x:1&wait=0",
+        &other,
+        Vec::new(),
+    )
+    .await;
+    assert!(!reply.headers.contains_key("access-control-allow-origin"));
+}

@@ -126,6 +126,10 @@ pub fn public_router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            cors,
+        ))
         .with_state(state)
 }
 
@@ -142,6 +146,59 @@ async fn readyz(axum::extract::State(state): axum::extract::State<Arc<AppState>>
         );
     }
     axum::Json(serde_json::json!({"status": "ready"})).into_response()
+}
+
+/// CORS for browsers on other origins (`http.cors_allow_origins`): answers
+/// preflights, and names the allowed origin on every response. Without a
+/// configured origin nothing is added, and browsers keep pages of other
+/// origins out (same-origin only).
+async fn cors(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::http::{HeaderValue, Method, header};
+    let allowed = &state.broker.config().http.cors_allow_origins;
+    let origin = request
+        .headers()
+        .get(header::ORIGIN)
+        .filter(|o| {
+            allowed
+                .iter()
+                .any(|a| a == "*" || o.to_str().is_ok_and(|o| o == a))
+        })
+        .cloned();
+    let Some(origin) = origin else {
+        return next.run(request).await;
+    };
+    let preflight = request.method() == Method::OPTIONS;
+    let mut response = if preflight {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(request).await
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    headers.insert(header::VARY, HeaderValue::from_static("origin"));
+    headers.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("x-courier-session, retry-after"),
+    );
+    if preflight {
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST"),
+        );
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type, last-event-id"),
+        );
+        headers.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+    }
+    response
 }
 
 async fn method_not_allowed() -> Response {
