@@ -307,6 +307,85 @@ impl Default for LogConfig {
     }
 }
 
+/// `[http]`: the SSE and long-polling transports and the HTTP publish API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpConfig {
+    /// The `retry:` hint an SSE stream sends: how long a browser waits before it reconnects.
+    pub sse_retry: Duration,
+    /// An SSE response ends after this long; the browser reconnects with `Last-Event-ID`.
+    pub sse_max_age: Duration,
+    /// `GET /poll` without `wait`: how long a poll waits for something to return.
+    pub poll_wait: Duration,
+    /// The longest `wait` a poll may ask for (longer ones are clamped).
+    pub poll_wait_max: Duration,
+    /// Frames one poll response carries at most.
+    pub poll_max_frames: usize,
+    /// Bytes of frames one poll response carries at most (one frame always fits).
+    pub poll_max_bytes: u64,
+    /// An SSE or poll session nobody uses for this long is closed.
+    pub session_idle_timeout: Duration,
+    /// SSE and poll sessions open at once, at most.
+    pub max_sessions: usize,
+    /// Messages in one `POST /api/publish/batch`, at most.
+    pub publish_batch_max: usize,
+    /// Body of one `POST /api/publish/batch`, at most.
+    pub publish_batch_max_bytes: u64,
+    /// Origins whose pages may call `/sse`, `/poll` and `/api` (CORS); `"*"` for any.
+    pub cors_allow_origins: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            sse_retry: Duration::from_secs(2),
+            sse_max_age: Duration::from_secs(600),
+            poll_wait: Duration::from_secs(25),
+            poll_wait_max: Duration::from_secs(60),
+            poll_max_frames: 256,
+            poll_max_bytes: 1 << 20,
+            session_idle_timeout: Duration::from_secs(90),
+            max_sessions: 10_000,
+            publish_batch_max: 1000,
+            publish_batch_max_bytes: 8 << 20,
+            cors_allow_origins: Vec::new(),
+        }
+    }
+}
+
+/// One API key of the HTTP publish API.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// Names the key in logs (never the key itself).
+    pub name: String,
+    /// The secret a backend sends as `Authorization: Bearer <key>`.
+    pub key: String,
+    /// Channel patterns the key may publish to: an exact name, or a prefix ending in `*`.
+    #[serde(default)]
+    pub publish: Vec<String>,
+}
+
+impl ApiKey {
+    /// Whether this key may publish to `channel`.
+    pub fn may_publish(&self, channel: &str) -> bool {
+        self.publish
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => channel.starts_with(prefix),
+                None => pattern == channel,
+            })
+    }
+}
+
+/// `[auth]`: credentials. Only API keys so far; tokens (JWT) are planned.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Keys of the HTTP publish API. None configured: `/api/publish` is open.
+    #[serde(default)]
+    pub api_keys: Vec<ApiKey>,
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Config {
@@ -314,6 +393,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub retry: RetryConfig,
     pub admin: AdminConfig,
+    pub http: HttpConfig,
+    pub auth: AuthConfig,
     /// `[namespaces.default]`, merged over the built-in defaults.
     pub default_namespace: NamespacePolicy,
     /// Other namespaces, each merged over `default_namespace`.
@@ -342,6 +423,10 @@ struct FileConfig {
     admin: FileAdmin,
     #[serde(default)]
     log: FileLog,
+    #[serde(default)]
+    http: FileHttp,
+    #[serde(default)]
+    auth: AuthConfig,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -363,6 +448,22 @@ enum LogFormat {
 struct FileAdmin {
     token: Option<String>,
     metrics_public: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHttp {
+    sse_retry: Option<HumanDuration>,
+    sse_max_age: Option<HumanDuration>,
+    poll_wait: Option<HumanDuration>,
+    poll_wait_max: Option<HumanDuration>,
+    poll_max_frames: Option<usize>,
+    poll_max_bytes: Option<ByteSize>,
+    session_idle_timeout: Option<HumanDuration>,
+    max_sessions: Option<usize>,
+    publish_batch_max: Option<usize>,
+    publish_batch_max_bytes: Option<ByteSize>,
+    cors_allow_origins: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -530,11 +631,18 @@ impl Config {
                 Some(LogFormat::Text) | None => defaults.format,
             },
         };
+        let mut http = HttpConfig::default();
+        let h = file.http;
+        merge!(http, h, { poll_max_frames, poll_max_bytes, max_sessions, publish_batch_max,
+            publish_batch_max_bytes, cors_allow_origins },
+            { sse_retry, sse_max_age, poll_wait, poll_wait_max, session_idle_timeout });
         Self {
             log,
             server,
             retry,
             admin,
+            http,
+            auth: file.auth,
             default_namespace,
             namespaces,
         }
@@ -569,6 +677,8 @@ impl Config {
                     .to_owned(),
             );
         }
+        self.validate_http()?;
+        self.validate_auth()?;
         if s.max_frame > 64 << 20 {
             return Err("server.max_frame must be at most 64MiB".to_owned());
         }
@@ -600,6 +710,66 @@ impl Config {
                 return Err(format!(
                     "namespaces.{name}.backoff_max must be at least backoff_base"
                 ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_http(&self) -> Result<(), String> {
+        let h = &self.http;
+        let positive = [
+            ("http.sse_retry", h.sse_retry.is_zero()),
+            ("http.sse_max_age", h.sse_max_age.is_zero()),
+            ("http.poll_wait_max", h.poll_wait_max.is_zero()),
+            ("http.poll_max_frames", h.poll_max_frames == 0),
+            ("http.poll_max_bytes", h.poll_max_bytes == 0),
+            (
+                "http.session_idle_timeout",
+                h.session_idle_timeout.is_zero(),
+            ),
+            ("http.max_sessions", h.max_sessions == 0),
+            ("http.publish_batch_max", h.publish_batch_max == 0),
+            (
+                "http.publish_batch_max_bytes",
+                h.publish_batch_max_bytes == 0,
+            ),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, zero)| *zero) {
+            return Err(format!("{key} must be greater than zero"));
+        }
+        if h.poll_wait > h.poll_wait_max {
+            return Err("http.poll_wait must be at most http.poll_wait_max".to_owned());
+        }
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), String> {
+        let mut names = std::collections::BTreeSet::new();
+        for (i, key) in self.auth.api_keys.iter().enumerate() {
+            let at = format!("auth.api_keys[{i}]");
+            if key.name.is_empty() {
+                return Err(format!("{at}.name must not be empty"));
+            }
+            if !names.insert(key.name.as_str()) {
+                return Err(format!("{at}.name {:?} is used twice", key.name));
+            }
+            if key.key.len() < 16 {
+                return Err(format!(
+                    "{at}.key (of {:?}) must be at least 16 bytes",
+                    key.name
+                ));
+            }
+            for pattern in &key.publish {
+                let name = pattern.strip_suffix('*').unwrap_or(pattern);
+                let valid = (name.is_empty() && pattern == "*")
+                    || crate::protocol::ChannelName::new(name).is_ok();
+                if !valid {
+                    return Err(format!(
+                        "{at}.publish: {pattern:?} is neither a channel name nor a prefix ending in '*'"
+                    ));
+                }
             }
         }
         Ok(())
@@ -717,6 +887,49 @@ durable = false
             .unwrap_err()
             .to_string();
         assert!(err.contains("kafka"), "{err}");
+    }
+
+    #[test]
+    fn http_and_auth_sections() {
+        let config = parse(
+            r#"
+[http]
+sse_retry = "500ms"
+poll_max_frames = 10
+
+[auth]
+api_keys = [{ name = "backend", key = "0123456789abcdef", publish = ["orders:*", "chat:room-1"] }]
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.http.sse_retry, Duration::from_millis(500));
+        assert_eq!(config.http.poll_max_frames, 10);
+        let key = &config.auth.api_keys[0];
+        assert!(key.may_publish("orders:eu") && key.may_publish("chat:room-1"));
+        assert!(!key.may_publish("chat:room-2") && !key.may_publish("orders"));
+        let err = parse("[http]\npoll_wiat = \"1s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("poll_wiat"), "{err}");
+        let err =
+            parse("[auth]\napi_keys = [{ name = \"a\", key = \"0123456789abcdef\", pub = [] }]\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("pub"), "{err}");
+        let err = parse("[auth]\napi_keys = [{ name = \"a\", key = \"short\" }]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("auth.api_keys[0].key"), "{err}");
+        let err = parse(
+            "[auth]\napi_keys = [{ name = \"a\", key = \"0123456789abcdef\", publish = [\"a b*\"] }]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("auth.api_keys[0].publish"), "{err}");
+        let err = parse("[http]\npoll_wait = \"2m\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("http.poll_wait"), "{err}");
     }
 
     #[test]

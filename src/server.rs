@@ -92,6 +92,11 @@ impl Server {
             (admin_listener, admin),
             cancel.clone(),
         ));
+        if config.auth.api_keys.is_empty() {
+            tracing::warn!(
+                "no API key configured ([auth] api_keys): POST /api/publish accepts unauthenticated requests"
+            );
+        }
         tracing::info!(%addr, data_dir = %config.server.data_dir.display(), fsync = %config.server.fsync, "courier listening");
         tracing::info!(admin = %admin_addr, "admin API, /metrics and the dashboard at http://{admin_addr}/admin/ui");
         match source {
@@ -176,6 +181,9 @@ async fn serve(
         tracker: tracker.clone(),
         shutdown: cancel.clone(),
         connections: Arc::new(Semaphore::new(config.server.max_connections)),
+        sessions: Arc::new(crate::transport::sessions::Registry::new(
+            config.http.max_sessions,
+        )),
     });
     let background = spawn_background(&broker, &tracker, &cancel);
     let app = public_router(state).into_make_service_with_connect_info::<SocketAddr>();

@@ -15,7 +15,7 @@ pub use codec::{
 };
 pub use frames::*;
 pub use names::{ChannelName, NameError, namespace_of};
-pub use payload::{B64Payload, Payload, is_json};
+pub use payload::{B64Payload, Payload, data_field, is_json};
 
 use serde::{Deserialize, Serialize};
 

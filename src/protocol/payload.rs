@@ -85,9 +85,7 @@ fn compact_json(text: &str) -> Bytes {
 
 /// Deserializes an optional `data` field. In JSON a present `data` is always
 /// a payload, so `"data": null` is the 4-byte payload `null`, not "absent".
-pub(super) fn data_field<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<Payload>, D::Error> {
+pub fn data_field<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Payload>, D::Error> {
     if deserializer.is_human_readable() {
         Payload::deserialize(deserializer).map(Some)
     } else {

@@ -393,44 +393,9 @@ impl Session {
 
     async fn on_publish(&mut self, publish: Publish) -> Option<ServerFrame> {
         let id = publish.id;
-        let name = match ChannelName::new(&publish.channel) {
-            Ok(name) => name,
-            Err(e) => return Some(error(Some(id), ErrorCode::BadRequest, e.to_string())),
-        };
-        if let Some(msg_id) = &publish.msg_id
-            && (msg_id.is_empty() || msg_id.len() > MAX_MSG_ID_LEN)
-        {
-            return Some(error(
-                Some(id),
-                ErrorCode::BadRequest,
-                format!("msg_id must be 1..={MAX_MSG_ID_LEN} bytes"),
-            ));
-        }
-        if let Some(headers) = &publish.headers {
-            if headers.len() > MAX_HEADERS {
-                return Some(error(
-                    Some(id),
-                    ErrorCode::TooLarge,
-                    format!("at most {MAX_HEADERS} headers"),
-                ));
-            }
-            if headers
-                .iter()
-                .any(|(k, v)| k.len() > MAX_HEADER_LEN || v.len() > MAX_HEADER_LEN)
-            {
-                return Some(error(
-                    Some(id),
-                    ErrorCode::TooLarge,
-                    format!("header names and values are at most {MAX_HEADER_LEN} bytes"),
-                ));
-            }
-        }
-        let Some(data) = publish.payload() else {
-            return Some(error(
-                Some(id),
-                ErrorCode::BadRequest,
-                "publish needs `data`",
-            ));
+        let (name, data) = match check_publish(&publish) {
+            Ok(checked) => checked,
+            Err((code, message)) => return Some(error(Some(id), code, message)),
         };
         let channel = match self.broker.channel(&name) {
             Ok(channel) => channel,
@@ -704,6 +669,46 @@ async fn stop(active: Active, broker: &Broker) {
     active.cancel.cancel();
     let _ = active.pump.await;
     broker.unsubscribe(&active.subscription).await;
+}
+
+/// The limits every publish must meet, whatever carries it (a `publish`
+/// frame, `POST /api/publish`): a valid channel name, a `msg_id` of
+/// 1..=256 bytes, at most 64 headers of at most 4096 bytes each, a payload.
+/// Returns the channel name and the payload, or the error to answer with.
+pub fn check_publish(
+    publish: &Publish,
+) -> Result<(ChannelName, bytes::Bytes), (ErrorCode, String)> {
+    let name =
+        ChannelName::new(&publish.channel).map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+    if let Some(msg_id) = &publish.msg_id
+        && (msg_id.is_empty() || msg_id.len() > MAX_MSG_ID_LEN)
+    {
+        return Err((
+            ErrorCode::BadRequest,
+            format!("msg_id must be 1..={MAX_MSG_ID_LEN} bytes"),
+        ));
+    }
+    if let Some(headers) = &publish.headers {
+        if headers.len() > MAX_HEADERS {
+            return Err((
+                ErrorCode::TooLarge,
+                format!("at most {MAX_HEADERS} headers"),
+            ));
+        }
+        if headers
+            .iter()
+            .any(|(k, v)| k.len() > MAX_HEADER_LEN || v.len() > MAX_HEADER_LEN)
+        {
+            return Err((
+                ErrorCode::TooLarge,
+                format!("header names and values are at most {MAX_HEADER_LEN} bytes"),
+            ));
+        }
+    }
+    let data = publish
+        .payload()
+        .ok_or((ErrorCode::BadRequest, "publish needs `data`".to_owned()))?;
+    Ok((name, data))
 }
 
 fn request_id(frame: &ClientFrame) -> Option<u64> {

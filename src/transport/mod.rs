@@ -1,7 +1,12 @@
 //! Transports: how frames travel. The public listener serves `/ws`
-//! (WebSocket), `/healthz` and `/readyz`; every transport feeds the same
-//! transport-neutral [`crate::session::Session`].
+//! (WebSocket), `/sse` (Server-Sent Events), `/poll` (long polling), the
+//! HTTP publish API `/api/publish`, `/healthz` and `/readyz`; every
+//! transport feeds the same transport-neutral [`crate::session::Session`].
 
+pub mod http_api;
+pub mod poll;
+pub mod sessions;
+pub mod sse;
 pub mod ws;
 
 use std::sync::Arc;
@@ -9,7 +14,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +32,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// One permit per open connection (`max_connections`).
     pub connections: Arc<Semaphore>,
+    /// SSE and poll sessions, which outlive single HTTP requests.
+    pub sessions: Arc<sessions::Registry>,
 }
 
 /// The JSON body of every HTTP error.
@@ -41,13 +48,88 @@ pub fn json_error(status: StatusCode, code: ErrorCode, message: &str) -> Respons
     (status, axum::Json(ErrorBody { code, message })).into_response()
 }
 
-/// The public router: `/ws`, `/healthz`, `/readyz`.
+/// The HTTP status of an error code.
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::Conflict => StatusCode::CONFLICT,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// An HTTP error whose status follows from its code.
+pub fn code_error(code: ErrorCode, message: &str) -> Response {
+    json_error(status_of(code), code, message)
+}
+
+/// An HTTP error of the SSE, poll and publish endpoints: a `{code, message}`
+/// JSON body, the status its code implies unless set otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: ErrorCode,
+    pub message: String,
+    /// Answer with `WWW-Authenticate: Bearer` (a 401 of the publish API).
+    pub challenge: bool,
+}
+
+impl ApiError {
+    /// An error with the status of `code`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            status: status_of(code),
+            code,
+            message: message.into(),
+            challenge: false,
+        }
+    }
+
+    /// The same error with another HTTP status.
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = json_error(self.status, self.code, &self.message);
+        if self.challenge {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"courier\""),
+            );
+        }
+        response
+    }
+}
+
+/// The public router: `/ws`, `/sse`, `/poll`, `/api/publish`, `/healthz`, `/readyz`.
 pub fn public_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/ws", get(ws::upgrade))
+        .route("/sse", get(sse::stream))
+        .route("/sse/ack", post(sse::ack))
+        .route("/poll", get(poll::poll))
+        .route("/poll/ack", post(poll::ack))
+        .route("/poll/publish", post(poll::publish))
+        .route("/poll/close", post(poll::close))
+        .route("/api/publish", post(http_api::publish))
+        .route("/api/publish/batch", post(http_api::publish_batch))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            cors,
+        ))
         .with_state(state)
 }
 
@@ -66,10 +148,71 @@ async fn readyz(axum::extract::State(state): axum::extract::State<Arc<AppState>>
     axum::Json(serde_json::json!({"status": "ready"})).into_response()
 }
 
+/// CORS for browsers on other origins (`http.cors_allow_origins`): answers
+/// preflights, and names the allowed origin on every response. Without a
+/// configured origin nothing is added, and browsers keep pages of other
+/// origins out (same-origin only).
+async fn cors(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::http::{HeaderValue, Method, header};
+    let allowed = &state.broker.config().http.cors_allow_origins;
+    let origin = request
+        .headers()
+        .get(header::ORIGIN)
+        .filter(|o| {
+            allowed
+                .iter()
+                .any(|a| a == "*" || o.to_str().is_ok_and(|o| o == a))
+        })
+        .cloned();
+    let Some(origin) = origin else {
+        return next.run(request).await;
+    };
+    let preflight = request.method() == Method::OPTIONS;
+    let mut response = if preflight {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(request).await
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    headers.insert(header::VARY, HeaderValue::from_static("origin"));
+    headers.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("x-courier-session, retry-after"),
+    );
+    if preflight {
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST"),
+        );
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type, last-event-id"),
+        );
+        headers.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+    }
+    response
+}
+
+async fn method_not_allowed() -> Response {
+    json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::BadRequest,
+        "this endpoint does not take that method; see proto/public.openapi.yaml",
+    )
+}
+
 async fn not_found() -> Response {
     json_error(
         StatusCode::NOT_FOUND,
         ErrorCode::NotFound,
-        "no such endpoint; the WebSocket endpoint is /ws",
+        "no such endpoint; see proto/public.openapi.yaml (WebSocket: /ws, SSE: /sse, long polling: /poll, publish: /api/publish)",
     )
 }

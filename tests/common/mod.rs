@@ -4,6 +4,8 @@
 //! WebSocket client speaking either codec ([`Client`]).
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
