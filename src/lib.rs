@@ -10,6 +10,7 @@
 //! | [`storage`] | sled: channel logs, heads, consumer state; nothing else imports sled |
 //! | [`delivery`] | consumers: floor, acked set, windows, redelivery order (sans I/O) |
 //! | [`broker`] | channels, the one writer that assigns seqs, group commit, retention |
+//! | [`limits`] | rate limits and connection caps per connection, user and IP (`governor`) |
 //! | [`session`] | one connection's protocol state machine, over frames in and out |
 //! | [`transport`] | WebSocket (and HTTP health) listeners; how frames travel |
 //! | [`server`] | wiring: start, background tasks, graceful shutdown |
@@ -30,6 +31,8 @@ pub mod broker;
 pub mod config;
 #[cfg(feature = "server")]
 pub mod delivery;
+#[cfg(feature = "server")]
+pub mod limits;
 #[cfg(feature = "server")]
 pub mod metrics;
 #[cfg(feature = "server")]
