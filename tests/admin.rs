@@ -65,7 +65,40 @@ async fn every_route_needs_the_admin_token() {
         .await
         .unwrap();
     assert_eq!(page.status(), 200);
+    let cookie = page
+        .headers()
+        .get("set-cookie")
+        .expect("a cookie for reloads")
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
     assert!(page.text().await.unwrap().contains("<html"));
+    // A reload drops `?token=` but sends the cookie; only the page takes it.
+    let http = reqwest::Client::new();
+    let reload = http
+        .get(format!("{}/admin/ui", admin.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 200);
+    let api = http
+        .get(format!("{}/admin/info", admin.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), 401, "the cookie opens the page, not the API");
+    let forged = http
+        .get(format!("{}/admin/ui", admin.base))
+        .header("cookie", "courier_admin_token=guess")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 401);
     // ...but no other route does.
     let (status, _) = admin
         .call_as(

@@ -143,19 +143,46 @@ async fn authorize(State(state): State<Shared>, request: Request, next: Next) ->
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let from_query = (path == "/admin/ui")
+    let page = path == "/admin/ui";
+    let from_query = page
         .then(|| query_pairs(request.uri().query()).remove("token"))
         .flatten();
-    let given = bearer.map(str::to_owned).or(from_query);
+    let from_cookie = page.then(|| cookie(&request, UI_COOKIE)).flatten();
+    let via_query = bearer.is_none() && from_query.is_some();
+    let given = bearer.map(str::to_owned).or(from_query).or(from_cookie);
     match given {
         Some(token) if same_secret(token.as_bytes(), state.token.as_bytes()) => {
-            next.run(request).await
+            let mut response = next.run(request).await;
+            if via_query {
+                // So a reload of the page (which drops `?token=`) still opens it.
+                if let Ok(value) = HeaderValue::from_str(&format!(
+                    "{UI_COOKIE}={token}; Path=/admin/ui; HttpOnly; SameSite=Strict"
+                )) {
+                    response.headers_mut().insert(header::SET_COOKIE, value);
+                }
+            }
+            response
         }
         Some(_) => unauthorized("wrong admin token"),
         None => unauthorized(
             "the admin API needs `Authorization: Bearer <admin token>` (the token is [admin] token, COURIER_ADMIN_TOKEN, or the admin.token file in the data dir)",
         ),
     }
+}
+
+/// The cookie that lets a reload of `/admin/ui` through (that path only).
+const UI_COOKIE: &str = "courier_admin_token";
+
+fn cookie(request: &Request, name: &str) -> Option<String> {
+    request
+        .headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
 }
 
 fn unauthorized(message: &str) -> Response {
