@@ -149,10 +149,7 @@ impl Auth {
             (Some(secret), None) => Some(secret.clone().into_bytes()),
             (None, Some(path)) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
-                    AuthError::Config(format!(
-                        "auth.jwt_secret_file {}: {e}",
-                        path.display()
-                    ))
+                    AuthError::Config(format!("auth.jwt_secret_file {}: {e}", path.display()))
                 })?;
                 Some(text.trim_end_matches(['\n', '\r']).as_bytes().to_vec())
             }
@@ -248,7 +245,11 @@ impl Auth {
         }
         let user = claims.sub;
         let capabilities = claims.channels.map(|c| Capabilities {
-            publish: c.publish.iter().map(|p| Pattern::new(p, Some(&user))).collect(),
+            publish: c
+                .publish
+                .iter()
+                .map(|p| Pattern::new(p, Some(&user)))
+                .collect(),
             subscribe: c
                 .subscribe
                 .iter()
@@ -338,13 +339,20 @@ mod tests {
         claims.aud = Some("courier".into());
         assert!(auth.verify(&sign(&claims, SECRET)).is_ok());
         let wrong_secret = sign(&claims, "another-secret-another-secret-000000");
-        assert!(matches!(auth.verify(&wrong_secret), Err(AuthError::Invalid(m)) if m.contains("signature")));
+        assert!(
+            matches!(auth.verify(&wrong_secret), Err(AuthError::Invalid(m)) if m.contains("signature"))
+        );
         let mut expired = claims.clone();
         expired.exp = now_secs() - 3600;
-        assert_eq!(auth.verify(&sign(&expired, SECRET)), Err(AuthError::Expired));
+        assert_eq!(
+            auth.verify(&sign(&expired, SECRET)),
+            Err(AuthError::Expired)
+        );
         let mut other_audience = claims.clone();
         other_audience.aud = Some("someone-else".into());
-        assert!(matches!(auth.verify(&sign(&other_audience, SECRET)), Err(AuthError::Invalid(m)) if m.contains("audience")));
+        assert!(
+            matches!(auth.verify(&sign(&other_audience, SECRET)), Err(AuthError::Invalid(m)) if m.contains("audience"))
+        );
         assert!(auth.verify("not.a.token").is_err());
         assert!(auth.verify("").is_err());
         // alg: none, with the same claims.
@@ -363,7 +371,9 @@ mod tests {
             &EncodingKey::from_secret(SECRET.as_bytes()).unwrap(),
         )
         .unwrap();
-        assert!(matches!(auth.verify(&hs512), Err(AuthError::Invalid(m)) if m.contains("algorithm")));
+        assert!(
+            matches!(auth.verify(&hs512), Err(AuthError::Invalid(m)) if m.contains("algorithm"))
+        );
         let mut bad_sub = claims_for("a b", 60, None);
         bad_sub.aud = Some("courier".into());
         assert!(auth.verify(&sign(&bad_sub, SECRET)).is_err());

@@ -170,6 +170,9 @@ pub struct ServerConfig {
     pub retention_interval: Duration,
     /// How long shutdown waits for connections to drain.
     pub shutdown_timeout: Duration,
+    /// A connection whose socket takes no data for this long (its outbound
+    /// queue stays full) is closed with 4009.
+    pub slow_consumer_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -193,6 +196,7 @@ impl Default for ServerConfig {
             dedup_max: 100_000,
             retention_interval: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(10),
+            slow_consumer_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -215,6 +219,28 @@ pub struct NamespacePolicy {
     pub max_retries: usize,
     /// Dead letters kept per channel; past it the oldest are dropped (logged, counted).
     pub dlq_max: u64,
+    /// Connections without a token may use this namespace (only matters
+    /// once `[auth]` has a key: without one every connection is anonymous
+    /// and allowed).
+    pub anonymous: bool,
+    /// Who may publish from a client connection: `clients` (anyone allowed
+    /// in) or `server` (server-side only: the HTTP publish API with an API key).
+    pub publish: PublishRule,
+    /// `presence` requests are answered for channels of this namespace.
+    pub presence: bool,
+    /// Subscribers get `join` / `leave` events (needs `presence`).
+    pub join_leave: bool,
+}
+
+/// Who may publish to a namespace from a client connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishRule {
+    /// Every connection that may use the namespace.
+    #[default]
+    Clients,
+    /// Nobody over a client connection: server-side publishing only.
+    Server,
 }
 
 impl Default for NamespacePolicy {
@@ -231,6 +257,10 @@ impl Default for NamespacePolicy {
             max_age: Duration::from_secs(7 * 24 * 3600),
             max_retries: 100_000,
             dlq_max: 100_000,
+            anonymous: false,
+            publish: PublishRule::Clients,
+            presence: false,
+            join_leave: false,
         }
     }
 }
@@ -377,19 +407,85 @@ impl ApiKey {
     }
 }
 
-/// `[auth]`: credentials. Only API keys so far; tokens (JWT) are planned.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `[auth]`: credentials: JWTs for client connections, API keys for the
+/// HTTP publish API.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Keys of the HTTP publish API. None configured: `/api/publish` is open.
-    #[serde(default)]
     pub api_keys: Vec<ApiKey>,
+    /// HS256 secret (at least 32 bytes).
+    pub jwt_secret: Option<String>,
+    /// A file holding the HS256 secret (trailing newline ignored).
+    pub jwt_secret_file: Option<PathBuf>,
+    /// A PEM public key: RS256 (RSA) or ES256 (P-256).
+    pub jwt_public_key: Option<PathBuf>,
+    /// Required `aud` claim, when set.
+    pub audience: Option<String>,
+    /// Required `iss` claim, when set.
+    pub issuer: Option<String>,
+    /// How long before its token expires a connection is told to `refresh`.
+    #[serde(with = "humantime_serde_compat")]
+    pub refresh_window: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            jwt_secret: None,
+            jwt_secret_file: None,
+            jwt_public_key: None,
+            audience: None,
+            issuer: None,
+            refresh_window: Duration::from_secs(30),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Whether client tokens are checked.
+    pub fn tokens_configured(&self) -> bool {
+        self.jwt_secret.is_some() || self.jwt_secret_file.is_some() || self.jwt_public_key.is_some()
+    }
+}
+
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field(
+                "api_keys",
+                &self.api_keys.iter().map(|k| &k.name).collect::<Vec<_>>(),
+            )
+            .field(
+                "jwt_secret",
+                &self.jwt_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("jwt_secret_file", &self.jwt_secret_file)
+            .field("jwt_public_key", &self.jwt_public_key)
+            .field("audience", &self.audience)
+            .field("issuer", &self.issuer)
+            .field("refresh_window", &self.refresh_window)
+            .finish()
+    }
+}
+
+/// Reads a humantime duration string for `#[serde(with)]`.
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(super::HumanDuration::deserialize(d)?.0)
+    }
 }
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Config {
     pub log: LogConfig,
+    pub limits: crate::limits::LimitsConfig,
     pub server: ServerConfig,
     pub retry: RetryConfig,
     pub admin: AdminConfig,
@@ -427,6 +523,8 @@ struct FileConfig {
     http: FileHttp,
     #[serde(default)]
     auth: AuthConfig,
+    #[serde(default)]
+    limits: crate::limits::LimitsConfig,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -496,6 +594,7 @@ struct FileServer {
     dedup_max: Option<usize>,
     retention_interval: Option<HumanDuration>,
     shutdown_timeout: Option<HumanDuration>,
+    slow_consumer_timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -512,6 +611,10 @@ struct FileNamespace {
     max_age: Option<HumanDuration>,
     max_retries: Option<usize>,
     dlq_max: Option<u64>,
+    anonymous: Option<bool>,
+    publish: Option<PublishRule>,
+    presence: Option<bool>,
+    join_leave: Option<bool>,
 }
 
 /// Replaces `$field` of `$target` with the file's value when it set one.
@@ -532,7 +635,8 @@ impl FileNamespace {
     fn over(&self, base: &NamespacePolicy) -> NamespacePolicy {
         let mut policy = base.clone();
         let source = self.clone();
-        merge!(policy, source, { durable, max_deliver, max_in_flight, max_msgs, max_bytes, max_retries, dlq_max },
+        merge!(policy, source, { durable, max_deliver, max_in_flight, max_msgs, max_bytes, max_retries, dlq_max,
+            anonymous, publish, presence, join_leave },
             { ack_wait, backoff_base, backoff_max, max_age });
         policy
     }
@@ -603,7 +707,7 @@ impl Config {
         merge!(server, s, { listen, admin_listen, data_dir, fsync, max_frame, max_connections,
             outbound_buffer, max_pending_publishes, cache_msgs, cache_bytes, store_cache, dedup_max },
             { fsync_interval, heartbeat, connect_timeout, dedup_window, retention_interval,
-              shutdown_timeout });
+              shutdown_timeout, slow_consumer_timeout });
         let builtin = NamespacePolicy::default();
         let default_namespace = file
             .namespaces
@@ -637,6 +741,7 @@ impl Config {
             publish_batch_max_bytes, cors_allow_origins },
             { sse_retry, sse_max_age, poll_wait, poll_wait_max, session_idle_timeout });
         Self {
+            limits: file.limits,
             log,
             server,
             retry,
@@ -679,6 +784,13 @@ impl Config {
         }
         self.validate_http()?;
         self.validate_auth()?;
+        self.limits.validate()?;
+        if self.auth.refresh_window.is_zero() {
+            return Err("auth.refresh_window must be greater than zero".to_owned());
+        }
+        if s.slow_consumer_timeout.is_zero() {
+            return Err("server.slow_consumer_timeout must be greater than zero".to_owned());
+        }
         if s.max_frame > 64 << 20 {
             return Err("server.max_frame must be at most 64MiB".to_owned());
         }

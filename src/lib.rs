@@ -26,6 +26,8 @@ pub mod client;
 #[cfg(feature = "server")]
 pub mod admin;
 #[cfg(feature = "server")]
+pub mod auth;
+#[cfg(feature = "server")]
 pub mod broker;
 #[cfg(feature = "server")]
 pub mod config;

@@ -58,26 +58,27 @@ pub const MAX_RATE: u64 = 1_000_000_000;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Publishes per second per connection. Default 1000: two orders of
-    /// magnitude above interactive use; a backend that must publish faster
-    /// opens more connections or gets a higher setting.
+    /// Publishes per second per connection. Default 10,000: three orders of
+    /// magnitude above interactive use, and room for a backend service that
+    /// publishes over one connection; a faster one gets a higher setting
+    /// (`courier bench` runs its own broker without these limits).
     pub publish_per_sec: u32,
     /// Publishes a connection may send at once before the rate applies.
-    /// Default 2000: two seconds' worth, which absorbs a client flushing its
-    /// offline queue after a reconnect.
+    /// Default 20,000: two seconds' worth, which absorbs a client flushing
+    /// its offline queue after a reconnect.
     pub publish_burst: u32,
-    /// Published payload bytes per second per connection. Default 4 MiB: four
-    /// maximum-size (1 MiB) frames per second. The bucket holds one second's
+    /// Published payload bytes per second per connection. Default 32 MiB:
+    /// 32 maximum-size (1 MiB) frames per second. The bucket holds one second's
     /// worth or one `server.max_frame`, whichever is more, so a frame that
     /// the transport accepts can always pass.
     pub publish_bytes_per_sec: ByteSize,
     /// Publishes per second per user, across all the user's connections
-    /// (burst: one second's worth). Default 5000: five connections at full
+    /// (burst: one second's worth). Default 50,000: five connections at full
     /// rate; it bounds what one account can push however many connections
     /// it opens.
     pub user_publish_per_sec: u32,
     /// Published payload bytes per second per user (bucket as for
-    /// `publish_bytes_per_sec`). Default 16 MiB, four connections' worth.
+    /// `publish_bytes_per_sec`). Default 128 MiB, four connections' worth.
     pub user_publish_bytes_per_sec: ByteSize,
     /// `subscribe` requests per second per connection. Default 100.
     pub subscribe_per_sec: u32,
@@ -107,11 +108,11 @@ pub struct LimitsConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
-            publish_per_sec: 1000,
-            publish_burst: 2000,
-            publish_bytes_per_sec: ByteSize(4 << 20),
-            user_publish_per_sec: 5000,
-            user_publish_bytes_per_sec: ByteSize(16 << 20),
+            publish_per_sec: 10_000,
+            publish_burst: 20_000,
+            publish_bytes_per_sec: ByteSize(32 << 20),
+            user_publish_per_sec: 50_000,
+            user_publish_bytes_per_sec: ByteSize(128 << 20),
             subscribe_per_sec: 100,
             subscribe_burst: 1000,
             max_subscriptions: 1000,
@@ -124,6 +125,29 @@ impl Default for LimitsConfig {
 }
 
 impl LimitsConfig {
+    /// Limits no load test reaches: `courier bench` measures the broker,
+    /// not its rate limiter.
+    pub fn unlimited() -> Self {
+        const RATE: u32 = 1_000_000_000;
+        Self {
+            publish_per_sec: RATE,
+            publish_burst: RATE,
+            publish_bytes_per_sec: ByteSize(u64::from(RATE)),
+            user_publish_per_sec: RATE,
+            user_publish_bytes_per_sec: ByteSize(u64::from(RATE)),
+            subscribe_per_sec: RATE,
+            subscribe_burst: RATE,
+            max_subscriptions: 1_000_000_000,
+            max_connections_per_user: 4_000_000_000,
+            max_connections_per_ip: 4_000_000_000,
+            abuse_violations: 4_000_000_000,
+            abuse_window: HumanDuration(Duration::from_secs(10)),
+        }
+    }
+
+    /// The `[limits]` section of [`LimitsConfig::unlimited`], for a config file.
+    pub const UNLIMITED_TOML: &'static str = "[limits]\npublish_per_sec = 1000000000\npublish_burst = 1000000000\npublish_bytes_per_sec = 1000000000\nuser_publish_per_sec = 1000000000\nuser_publish_bytes_per_sec = 1000000000\nsubscribe_per_sec = 1000000000\nsubscribe_burst = 1000000000\nmax_subscriptions = 1000000000\nmax_connections_per_user = 4000000000\nmax_connections_per_ip = 4000000000\nabuse_violations = 4000000000\n";
+
     /// Rejects zeros and rates above [`MAX_RATE`], naming the key as
     /// `limits.<key>`.
     pub fn validate(&self) -> Result<(), String> {
@@ -606,6 +630,16 @@ impl<C: Clock> ConnectionLimits<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_unlimited_toml_is_the_unlimited_config() {
+        let config = crate::config::Config::from_toml(
+            LimitsConfig::UNLIMITED_TOML,
+            std::path::Path::new("bench.toml"),
+        )
+        .unwrap();
+        assert_eq!(config.limits, LimitsConfig::unlimited());
+    }
     use governor::clock::FakeRelativeClock;
     use std::net::{Ipv4Addr, Ipv6Addr};
 

@@ -142,6 +142,10 @@ pub struct Broker {
     connections: Arc<Connections>,
     /// When this broker started, ms since the Unix epoch.
     started_ms: u64,
+    /// Token verification (disabled when `[auth]` has no key).
+    auth: crate::auth::Auth,
+    /// Rate and connection limits.
+    limits: crate::limits::Limits,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -154,6 +158,11 @@ impl Broker {
     /// the embedded store. Blocking: call it off the runtime.
     pub fn open(config: Arc<Config>, retry: Option<RetryQueue>) -> Result<Arc<Self>, BrokerError> {
         let server = &config.server;
+        // Keys and limits first: a bad one must not leave a run marked open.
+        let auth = crate::auth::Auth::from_config(&config.auth)
+            .map_err(|e| BrokerError::BadRequest(e.to_string()))?;
+        let limits = crate::limits::Limits::new(&config.limits, server.max_frame)
+            .map_err(BrokerError::BadRequest)?;
         let store = Arc::new(Store::open(&server.data_dir, server.store_cache)?);
         let retry = match retry {
             Some(retry) => retry,
@@ -180,6 +189,8 @@ impl Broker {
             next_id: AtomicU64::new(1),
             connections: Arc::new(Connections::default()),
             started_ms: now_ms(),
+            auth,
+            limits,
         };
         let lossy_crash = broker
             .store
@@ -286,6 +297,16 @@ impl Broker {
     /// The store (for readers of the log).
     pub(crate) fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// Token verification.
+    pub fn auth(&self) -> &crate::auth::Auth {
+        &self.auth
+    }
+
+    /// Rate and connection limits.
+    pub fn limits(&self) -> &crate::limits::Limits {
+        &self.limits
     }
 
     /// Every open connection.

@@ -125,6 +125,7 @@ impl Target {
         config.server.data_dir = dir.path().join("data");
         config.server.fsync = args.fsync;
         config.server.admin_listen = ([127, 0, 0, 1], 0).into();
+        config.limits = courier::limits::LimitsConfig::unlimited();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let server = courier::server::Server::start(config, listener).await?;
         Ok(Self::InProcess(server, dir))
@@ -135,7 +136,14 @@ impl Target {
         use std::io::{BufRead, BufReader};
         let exe = std::env::current_exe()?;
         let config = dir.path().join("courier.toml");
-        std::fs::write(&config, format!("[server]\nfsync = \"{}\"\n", args.fsync))?;
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nfsync = \"{}\"\n{}",
+                args.fsync,
+                courier::limits::LimitsConfig::UNLIMITED_TOML
+            ),
+        )?;
         let mut child = std::process::Command::new(exe)
             .args([
                 "serve",

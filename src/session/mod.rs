@@ -11,6 +11,7 @@
 //! `max_pending_publishes` wait at a time, after which the session stops
 //! reading (backpressure reaches the client through TCP).
 
+pub mod access;
 pub mod registry;
 mod subscription;
 
@@ -33,6 +34,7 @@ use crate::protocol::{
     ErrorFrame, IdOnly, Limits, Nack, Progress, PubAck, Publish, ServerFrame, Subscribe,
     Subscribed, Term, Unsubscribed, close,
 };
+use access::{Access, Action};
 use registry::{Control, Registration};
 
 /// What a session asks its transport to send.
@@ -64,6 +66,9 @@ pub struct ConnectionInfo {
     pub conn_id: String,
     pub remote: Option<SocketAddr>,
     pub transport: &'static str,
+    /// A token the transport received outside the `connect` frame
+    /// (`Authorization: Bearer`, `?token=`); `connect.token` beats it.
+    pub credentials: Option<String>,
 }
 
 /// Consecutive bad frames before the connection is closed with 4000.
@@ -94,6 +99,16 @@ pub struct Session {
     control: mpsc::UnboundedReceiver<Control>,
     /// This connection in the broker's registry (removed when dropped).
     registration: Registration,
+    /// Who the connection is and what it may do.
+    access: Access,
+    /// Its place under the per-user and per-IP connection caps.
+    admission: Option<crate::limits::Admission>,
+    /// Its rate limits.
+    rates: Option<crate::limits::ConnectionLimits>,
+    /// When to act on the token's expiry: warn (`false`) or close (`true`).
+    auth_deadline: Option<(tokio::time::Instant, bool)>,
+    /// A refusal made the limiter call the connection abusive.
+    abusive: bool,
     user: Option<String>,
     /// The client opted in to `msgs` batches.
     batch: bool,
@@ -130,6 +145,11 @@ impl Session {
             out,
             control,
             registration,
+            access: Access::default(),
+            admission: None,
+            rates: None,
+            auth_deadline: None,
+            abusive: false,
             user: None,
             batch: false,
             subscriptions: HashMap::new(),
@@ -150,9 +170,14 @@ impl Session {
         metrics::CONNECTIONS_CLOSED
             .with_label_values(&[&code.to_string()])
             .inc();
+        // A close frame's reason has room for 123 bytes.
+        let mut end = reason.len().min(120);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
         let _ = self
             .out
-            .send(Outgoing::Close(Box::new((code, reason.to_owned()))))
+            .send(Outgoing::Close(Box::new((code, reason[..end].to_owned()))))
             .await;
     }
 
@@ -232,11 +257,17 @@ impl Session {
             }
         };
         metrics::FRAMES_IN.with_label_values(&["connect"]).inc();
-        let handle = self.registration.handle();
-        handle
+        self.registration
+            .handle()
             .msgs_in
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        handle.set_user(self.user.clone());
+        if let Err((code, reason)) = self.authenticate(connect.token.clone()) {
+            tracing::debug!(code, reason, "connection refused");
+            self.close(code, &reason).await;
+            return Err(Closed);
+        }
+        let handle = self.registration.handle();
+        handle.set_user(self.user.clone(), connect.client.clone());
         if let Some(user) = &self.user {
             tracing::Span::current().record("user", user.as_str());
         }
@@ -259,6 +290,178 @@ impl Session {
         self.send(ServerFrame::Connected(connected)).await
     }
 
+    /// Checks the credentials and the connection caps; sets the identity,
+    /// the rate limits and the expiry timer. The error is the close code
+    /// and reason.
+    fn authenticate(&mut self, token: Option<String>) -> Result<(), (u16, String)> {
+        let auth = self.broker.auth();
+        let token = token.or_else(|| self.info.credentials.take());
+        self.access = if auth.enabled() {
+            match token {
+                Some(token) => match auth.verify(&token) {
+                    Ok(identity) => Access::authenticated(identity),
+                    Err(e) => return Err((close::UNAUTHORIZED, e.to_string())),
+                },
+                None if access::anonymous_allowed(self.broker.config(), true) => {
+                    Access::anonymous(true)
+                }
+                None => {
+                    return Err((
+                        close::UNAUTHORIZED,
+                        "a token is required (connect.token, Authorization: Bearer, or ?token=)"
+                            .to_owned(),
+                    ));
+                }
+            }
+        } else {
+            Access::anonymous(false)
+        };
+        self.user = self.access.user.clone();
+        let limits = self.broker.limits();
+        let ip = self.info.remote.map(|a| a.ip());
+        self.admission = Some(
+            limits
+                .admit(self.user.as_deref(), ip)
+                .map_err(|refused| (close::POLICY, refused.to_string()))?,
+        );
+        self.rates = Some(limits.connection(self.user.as_deref()));
+        self.schedule_expiry();
+        Ok(())
+    }
+
+    /// Arms the timer of the token's expiry: first a warning
+    /// `refresh_window` before it, then the close.
+    fn schedule_expiry(&mut self) {
+        let window =
+            u64::try_from(self.broker.config().auth.refresh_window.as_millis()).unwrap_or(u64::MAX);
+        self.auth_deadline = self.access.expires_ms.map(|expires| {
+            let expires = expires.saturating_add(crate::auth::LEEWAY_SECS * 1000);
+            let now = now_ms();
+            let warn_at = expires.saturating_sub(window);
+            let after = |at: u64| {
+                tokio::time::Instant::now()
+                    + std::time::Duration::from_millis(at.saturating_sub(now))
+            };
+            if warn_at > now {
+                (after(warn_at), false)
+            } else {
+                (after(expires), true)
+            }
+        });
+    }
+
+    /// The token is about to expire (tell the client to refresh) or has
+    /// expired (close with 4001).
+    async fn on_auth_deadline(&mut self, last: bool) -> Result<(), Closed> {
+        if last {
+            self.drain_pending().await?;
+            self.close(close::UNAUTHORIZED, "the token has expired")
+                .await;
+            return Err(Closed);
+        }
+        let left = self
+            .access
+            .expires_ms
+            .map_or(0, |e| e.saturating_sub(now_ms()) / 1000);
+        let at = self.auth_deadline.map(|(at, _)| at);
+        let expires =
+            self.access.expires_ms.unwrap_or_else(now_ms) + crate::auth::LEEWAY_SECS * 1000;
+        self.auth_deadline = at.map(|_| {
+            (
+                tokio::time::Instant::now()
+                    + std::time::Duration::from_millis(expires.saturating_sub(now_ms())),
+                true,
+            )
+        });
+        self.send(error(
+            None,
+            ErrorCode::Unauthorized,
+            format!("the token expires in {left} s: send `refresh` with a new token"),
+        ))
+        .await
+    }
+
+    fn on_refresh(&mut self, refresh: &crate::protocol::Refresh) -> ServerFrame {
+        let auth = self.broker.auth();
+        if !auth.enabled() {
+            return error(
+                Some(refresh.id),
+                ErrorCode::BadRequest,
+                "this server has no authentication configured; there is nothing to refresh",
+            );
+        }
+        match auth.verify(&refresh.token) {
+            Err(e) => error(Some(refresh.id), ErrorCode::Unauthorized, e.to_string()),
+            Ok(identity) if self.access.user.as_deref() != Some(identity.user.as_str()) => error(
+                Some(refresh.id),
+                ErrorCode::Forbidden,
+                "a refresh must carry a token of the connection's own user (sub)",
+            ),
+            Ok(identity) => {
+                self.access = Access::authenticated(identity);
+                self.schedule_expiry();
+                ServerFrame::Pong(IdOnly { id: refresh.id })
+            }
+        }
+    }
+
+    /// Whether `action` on `channel` is allowed; the `forbidden` reply if not.
+    fn permit(
+        &self,
+        id: Option<u64>,
+        action: Action,
+        channel: &ChannelName,
+    ) -> Option<ServerFrame> {
+        self.access
+            .check(self.broker.config(), action, channel)
+            .err()
+            .map(|message| error(id, ErrorCode::Forbidden, message))
+    }
+
+    fn on_presence(&self, request: &ChannelRequest) -> ServerFrame {
+        let id = Some(request.id);
+        let name = match ChannelName::new(&request.channel) {
+            Ok(name) => name,
+            Err(e) => return error(id, ErrorCode::BadRequest, e.to_string()),
+        };
+        if !self.broker.config().policy(name.namespace()).presence {
+            return error(
+                id,
+                ErrorCode::NotFound,
+                format!(
+                    "presence is not enabled for namespace {:?}",
+                    name.namespace()
+                ),
+            );
+        }
+        if let Some(denied) = self.permit(id, Action::Presence, &name) {
+            return denied;
+        }
+        ServerFrame::Presence(crate::protocol::PresenceReply {
+            id: request.id,
+            channel: request.channel.clone(),
+            members: self.broker.connections().presence(name.as_str()),
+        })
+    }
+
+    /// Records a subscription in the registry and, where the namespace
+    /// wants it, tells the channel's other subscribers that the user joined
+    /// (or, with `joined = false`, left).
+    fn presence_changed(&self, channel: &str, joined: bool) {
+        let changed = if joined {
+            self.registration.subscribed(channel, now_ms())
+        } else {
+            self.registration.unsubscribed(channel)
+        };
+        let Ok(name) = ChannelName::new(channel) else {
+            return;
+        };
+        let policy = self.broker.config().policy(name.namespace());
+        if changed && policy.presence && policy.join_leave {
+            self.registration.announce(channel, joined);
+        }
+    }
+
     async fn serve<S>(
         &mut self,
         incoming: &mut S,
@@ -270,6 +473,7 @@ impl Session {
         let max_pending = usize::try_from(self.broker.config().server.max_pending_publishes)
             .unwrap_or(usize::MAX);
         loop {
+            let deadline = self.auth_deadline;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
@@ -282,6 +486,9 @@ impl Session {
                 }
                 Some(control) = self.control.recv() => {
                     Box::pin(self.on_control(control)).await?;
+                }
+                last = until(deadline) => {
+                    Box::pin(self.on_auth_deadline(last)).await?;
                 }
                 event = incoming.next(), if self.pending.len() < max_pending => {
                     let Some(event) = event else {
@@ -304,11 +511,12 @@ impl Session {
                 self.close(code, &reason).await;
                 Err(Closed)
             }
+            Control::Send(frame) => self.send(*frame).await,
             Control::EndSubscription { channel } => {
                 let Some(active) = self.subscriptions.remove(&channel) else {
                     return Ok(());
                 };
-                self.registration.handle().unsubscribed(&channel);
+                self.presence_changed(&channel, false);
                 stop(active, &self.broker).await;
                 self.send(ServerFrame::Unsubscribed(Unsubscribed { id: 0, channel }))
                     .await
@@ -373,22 +581,20 @@ impl Session {
             ClientFrame::Nack(nack) => self.on_nack(&nack).await,
             ClientFrame::Progress(progress) => self.on_progress(progress).await,
             ClientFrame::Term(term) => Box::pin(self.on_term(term)).await,
-            ClientFrame::Presence(request) => Some(error(
-                Some(request.id),
-                ErrorCode::NotFound,
-                format!("presence is not enabled for channel {:?}", request.channel),
-            )),
-            ClientFrame::Refresh(refresh) => Some(error(
-                Some(refresh.id),
-                ErrorCode::BadRequest,
-                "this server has no authentication configured; there is nothing to refresh",
-            )),
+            ClientFrame::Presence(request) => Some(self.on_presence(&request)),
+            ClientFrame::Refresh(refresh) => Some(self.on_refresh(&refresh)),
             ClientFrame::Ping(IdOnly { id }) => Some(ServerFrame::Pong(IdOnly { id })),
         };
-        match reply {
-            Some(frame) => self.send(frame).await,
-            None => Ok(()),
+        if let Some(frame) = reply {
+            self.send(frame).await?;
         }
+        if self.abusive {
+            self.drain_pending().await?;
+            self.close(close::POLICY, "rate limits exceeded again and again")
+                .await;
+            return Err(Closed);
+        }
+        Ok(())
     }
 
     async fn on_publish(&mut self, publish: Publish) -> Option<ServerFrame> {
@@ -397,6 +603,15 @@ impl Session {
             Ok(checked) => checked,
             Err((code, message)) => return Some(error(Some(id), code, message)),
         };
+        if let Some(denied) = self.permit(Some(id), Action::Publish, &name) {
+            return Some(denied);
+        }
+        if let Some(rates) = &mut self.rates
+            && let Err(limited) = rates.check_publish(data.len())
+        {
+            self.abusive = rates.abusive();
+            return Some(ServerFrame::Error(limited.error_frame(Some(id))));
+        }
         let channel = match self.broker.channel(&name) {
             Ok(channel) => channel,
             Err(e) => return Some(broker_error(Some(id), &e)),
@@ -452,6 +667,15 @@ impl Session {
                 "give `since` or `from`, not both",
             )));
         }
+        if let Some(denied) = self.permit(Some(id), Action::Subscribe, &name) {
+            return Ok(Some(denied));
+        }
+        if let Some(rates) = &mut self.rates
+            && let Err(denied) = rates.check_subscribe(self.subscriptions.len())
+        {
+            self.abusive = rates.abusive();
+            return Ok(Some(ServerFrame::Error(denied.error_frame(Some(id)))));
+        }
         let request = SubscribeRequest {
             channel: name.clone(),
             consumer: subscribe.consumer,
@@ -485,9 +709,7 @@ impl Session {
             self.batch,
             cancel.clone(),
         ));
-        self.registration
-            .handle()
-            .subscribed(name.as_str(), now_ms());
+        self.presence_changed(name.as_str(), true);
         self.subscriptions.insert(
             name.as_str().to_owned(),
             Active {
@@ -507,7 +729,7 @@ impl Session {
                 format!("not subscribed to {:?}", request.channel),
             );
         };
-        self.registration.handle().unsubscribed(&request.channel);
+        self.presence_changed(&request.channel, false);
         stop(active, &self.broker).await;
         ServerFrame::Unsubscribed(Unsubscribed {
             id: request.id,
@@ -658,7 +880,8 @@ impl Session {
     }
 
     async fn teardown(mut self) {
-        for (_, active) in std::mem::take(&mut self.subscriptions) {
+        for (channel, active) in std::mem::take(&mut self.subscriptions) {
+            self.presence_changed(&channel, false);
             stop(active, &self.broker).await;
         }
     }
@@ -709,6 +932,17 @@ pub fn check_publish(
         .payload()
         .ok_or((ErrorCode::BadRequest, "publish needs `data`".to_owned()))?;
     Ok((name, data))
+}
+
+/// Resolves at `deadline` with its flag; never without one.
+async fn until(deadline: Option<(tokio::time::Instant, bool)>) -> bool {
+    match deadline {
+        Some((at, last)) => {
+            tokio::time::sleep_until(at).await;
+            last
+        }
+        None => std::future::pending().await,
+    }
 }
 
 fn request_id(frame: &ClientFrame) -> Option<u64> {

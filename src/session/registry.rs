@@ -7,7 +7,7 @@
 //! (after its channel was purged or deleted) sends the client
 //! `unsubscribed` with `id: 0`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,14 +15,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
 
 use crate::metrics;
+use crate::protocol::{PresenceEvent, PresenceMember, ServerFrame};
 
 /// What an operator (or the broker) asks of a live session.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Control {
     /// Close the connection with this code and reason.
     Kick { code: u16, reason: String },
     /// End the subscription to this channel (it was purged or deleted).
     EndSubscription { channel: String },
+    /// Send this frame (a presence event).
+    Send(Box<ServerFrame>),
 }
 
 /// One open connection as the registry shows it.
@@ -40,6 +43,8 @@ pub struct ConnectionHandle {
     /// Messages delivered to the client.
     pub msgs_out: AtomicU64,
     user: Mutex<Option<String>>,
+    /// `connect.client`, for presence.
+    client: Mutex<Option<String>>,
     /// Subscribed channels, with the time each subscription started.
     subscriptions: Mutex<BTreeMap<String, u64>>,
     control: mpsc::UnboundedSender<Control>,
@@ -55,8 +60,9 @@ impl ConnectionHandle {
         lock(&self.user).clone()
     }
 
-    pub(crate) fn set_user(&self, user: Option<String>) {
+    pub(crate) fn set_user(&self, user: Option<String>, client: Option<String>) {
         *lock(&self.user) = user;
+        *lock(&self.client) = client;
     }
 
     /// Subscribed channel names, sorted.
@@ -67,14 +73,6 @@ impl ConnectionHandle {
     /// When the subscription to `channel` started, if there is one.
     pub fn subscribed_since(&self, channel: &str) -> Option<u64> {
         lock(&self.subscriptions).get(channel).copied()
-    }
-
-    pub(crate) fn subscribed(&self, channel: &str, since_ms: u64) {
-        lock(&self.subscriptions).insert(channel.to_owned(), since_ms);
-    }
-
-    pub(crate) fn unsubscribed(&self, channel: &str) {
-        lock(&self.subscriptions).remove(channel);
     }
 
     /// Asks the session to act; false when it has already ended.
@@ -92,6 +90,8 @@ impl ConnectionHandle {
 #[derive(Debug, Default)]
 pub struct Connections {
     by_order: Mutex<BTreeMap<u64, Arc<ConnectionHandle>>>,
+    /// Channel → the connections subscribed to it (by order).
+    by_channel: Mutex<HashMap<String, BTreeSet<u64>>>,
     next_order: AtomicU64,
 }
 
@@ -106,10 +106,91 @@ impl Registration {
     pub fn handle(&self) -> &Arc<ConnectionHandle> {
         &self.handle
     }
+
+    /// Records a subscription. True when its user (if any) was not
+    /// subscribed to `channel` on another connection: the user joined.
+    pub fn subscribed(&self, channel: &str, since_ms: u64) -> bool {
+        lock(&self.handle.subscriptions).insert(channel.to_owned(), since_ms);
+        let mut by_channel = lock(&self.registry.by_channel);
+        let members = by_channel.entry(channel.to_owned()).or_default();
+        members.insert(self.handle.order);
+        let members: Vec<u64> = members.iter().copied().collect();
+        drop(by_channel);
+        self.alone(&members)
+    }
+
+    /// Forgets a subscription. True when its user (if any) has no other
+    /// connection subscribed to `channel`: the user left.
+    pub fn unsubscribed(&self, channel: &str) -> bool {
+        if lock(&self.handle.subscriptions).remove(channel).is_none() {
+            return false;
+        }
+        let members: Vec<u64> = {
+            let mut by_channel = lock(&self.registry.by_channel);
+            let Some(members) = by_channel.get_mut(channel) else {
+                return false;
+            };
+            members.remove(&self.handle.order);
+            let left: Vec<u64> = members.iter().copied().collect();
+            if left.is_empty() {
+                by_channel.remove(channel);
+            }
+            left
+        };
+        self.alone(&members)
+    }
+
+    /// Whether no connection in `members` other than this one has this
+    /// connection's user (false for anonymous connections).
+    fn alone(&self, members: &[u64]) -> bool {
+        let Some(user) = self.handle.user() else {
+            return false;
+        };
+        let by_order = lock(&self.registry.by_order);
+        !members
+            .iter()
+            .filter(|o| **o != self.handle.order)
+            .filter_map(|o| by_order.get(o))
+            .any(|h| h.user().as_deref() == Some(user.as_str()))
+    }
+
+    /// Sends `join` or `leave` of this connection's user to the other
+    /// connections subscribed to `channel`.
+    pub fn announce(&self, channel: &str, joined: bool) {
+        let Some(user) = self.handle.user() else {
+            return;
+        };
+        let event = PresenceEvent {
+            channel: channel.to_owned(),
+            user,
+        };
+        let frame = if joined {
+            ServerFrame::Join(event)
+        } else {
+            ServerFrame::Leave(event)
+        };
+        for other in self.registry.subscribed_to(channel) {
+            if other.order != self.handle.order {
+                other.send(Control::Send(Box::new(frame.clone())));
+            }
+        }
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        let channels: Vec<String> = lock(&self.handle.subscriptions).keys().cloned().collect();
+        {
+            let mut by_channel = lock(&self.registry.by_channel);
+            for channel in channels {
+                if let Some(members) = by_channel.get_mut(&channel) {
+                    members.remove(&self.handle.order);
+                    if members.is_empty() {
+                        by_channel.remove(&channel);
+                    }
+                }
+            }
+        }
         lock(&self.registry.by_order).remove(&self.handle.order);
         metrics::CONNECTIONS.dec();
     }
@@ -135,6 +216,7 @@ impl Connections {
             msgs_in: AtomicU64::new(0),
             msgs_out: AtomicU64::new(0),
             user: Mutex::new(None),
+            client: Mutex::new(None),
             subscriptions: Mutex::new(BTreeMap::new()),
             control,
         });
@@ -174,10 +256,36 @@ impl Connections {
 
     /// Connections subscribed to `channel`, oldest first.
     pub fn subscribed_to(&self, channel: &str) -> Vec<Arc<ConnectionHandle>> {
-        let all: Vec<_> = lock(&self.by_order).values().cloned().collect();
-        all.into_iter()
-            .filter(|h| h.subscribed_since(channel).is_some())
+        let members: Vec<u64> = lock(&self.by_channel)
+            .get(channel)
+            .map(|m| m.iter().copied().collect())
+            .unwrap_or_default();
+        let by_order = lock(&self.by_order);
+        members
+            .iter()
+            .filter_map(|o| by_order.get(o).cloned())
             .collect()
+    }
+
+    /// The users subscribed to `channel`, with how many of their
+    /// connections are, by user id (anonymous connections are not members).
+    pub fn presence(&self, channel: &str) -> Vec<PresenceMember> {
+        let mut members: BTreeMap<String, PresenceMember> = BTreeMap::new();
+        for handle in self.subscribed_to(channel) {
+            let Some(user) = handle.user() else { continue };
+            let member = members
+                .entry(user.clone())
+                .or_insert_with(|| PresenceMember {
+                    user,
+                    connections: 0,
+                    client: None,
+                });
+            member.connections += 1;
+            if member.client.is_none() {
+                member.client = lock(&handle.client).clone();
+            }
+        }
+        members.into_values().collect()
     }
 }
 
@@ -200,7 +308,7 @@ mod tests {
         );
         let rest = registry.page(first[1].order, 10);
         assert_eq!(rest.len(), 3);
-        guards[1].handle().subscribed("chat:a", 7);
+        guards[1].subscribed("chat:a", 7);
         assert_eq!(registry.subscribed_to("chat:a")[0].id, "c1");
         assert!(registry.get("c3").unwrap().send(Control::Kick {
             code: 4008,

@@ -36,6 +36,18 @@ pub struct AppState {
     pub sessions: Arc<sessions::Registry>,
 }
 
+/// The credentials of an HTTP request: `Authorization: Bearer <token>`,
+/// else the `token` query parameter.
+pub fn credentials(headers: &axum::http::HeaderMap, query_token: Option<&str>) -> Option<String> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned())
+        .or_else(|| query_token.map(str::to_owned))
+        .filter(|t| !t.is_empty())
+}
+
 /// The JSON body of every HTTP error.
 #[derive(Debug, Serialize)]
 pub struct ErrorBody<'a> {

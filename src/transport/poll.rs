@@ -240,6 +240,7 @@ fn parse_wait(
 pub async fn poll(
     State(app): State<Arc<AppState>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Ok(Query(query)) = query else {
@@ -272,7 +273,10 @@ pub async fn poll(
             }
             (session, Some(number))
         }
-        None => (open(&app, remote, &query).await?, None),
+        None => {
+            let credentials = super::credentials(&headers, query.get("token").map(String::as_str));
+            (open(&app, remote, &query, credentials).await?, None)
+        }
     };
     run_poll(
         &session,
@@ -288,6 +292,7 @@ async fn open(
     app: &Arc<AppState>,
     remote: SocketAddr,
     query: &HashMap<String, String>,
+    credentials: Option<String>,
 ) -> Result<Arc<HttpSession>, ApiError> {
     let params = SubscribeParams::from_query(query)?;
     if params.ack == Some(AckMode::Auto) {
@@ -300,7 +305,15 @@ async fn open(
         .map(|i| params.subscribe(i))
         .collect();
     let state = Arc::new(PollState::new());
-    let opened = sessions::open(app, "poll", remote, subscribes, Some(Arc::clone(&state))).await?;
+    let opened = sessions::open(
+        app,
+        "poll",
+        remote,
+        subscribes,
+        Some(Arc::clone(&state)),
+        credentials,
+    )
+    .await?;
     state.lock().pending.extend(opened.prelude);
     let idle = app.broker.config().http.session_idle_timeout;
     app.tracker.spawn(route(

@@ -360,6 +360,7 @@ pub async fn open(
     remote: SocketAddr,
     subscribes: Vec<Subscribe>,
     poll: Option<Arc<super::poll::PollState>>,
+    credentials: Option<String>,
 ) -> Result<Opened, ApiError> {
     let Ok(permit) = Arc::clone(&app.connections).try_acquire_owned() else {
         return Err(ApiError::new(
@@ -395,6 +396,7 @@ pub async fn open(
         conn_id: format!("c{}", app.broker.next_id()),
         remote: Some(remote),
         transport: kind,
+        credentials: None,
     };
     let mut inbound = inbound_stream(in_rx, session.cancel.clone());
     let (broker, registry, shutdown) = (
@@ -413,7 +415,11 @@ pub async fn open(
     });
 
     let count = subscribes.len();
-    let mut frames = vec![Inbound::Frame(Ok(ClientFrame::Connect(Connect::default())))];
+    let connect = Connect {
+        token: credentials,
+        ..Connect::default()
+    };
+    let mut frames = vec![Inbound::Frame(Ok(ClientFrame::Connect(connect)))];
     frames.extend(
         subscribes
             .into_iter()
@@ -437,10 +443,13 @@ pub async fn open(
             Ok(Some(Outgoing::Frame(frame))) => *frame,
             Ok(Some(Outgoing::Close(close))) => {
                 session.cancel.cancel();
-                return Err(ApiError::new(
-                    ErrorCode::Unavailable,
-                    format!("the session closed ({}: {})", close.0, close.1),
-                ));
+                let code = match close.0 {
+                    crate::protocol::close::UNAUTHORIZED => ErrorCode::Unauthorized,
+                    crate::protocol::close::FORBIDDEN => ErrorCode::Forbidden,
+                    crate::protocol::close::POLICY => ErrorCode::RateLimited,
+                    _ => ErrorCode::Unavailable,
+                };
+                return Err(ApiError::new(code, close.1.clone()));
             }
             Ok(None) | Err(_) => {
                 session.cancel.cancel();

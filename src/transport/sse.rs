@@ -69,6 +69,7 @@ pub async fn stream(
         remote,
         subscribes(&params, last_event.as_ref()),
         None,
+        super::credentials(&headers, query.get("token").map(String::as_str)),
     )
     .await?;
     let config = app.broker.config();

@@ -103,6 +103,12 @@ pub async fn upgrade(
             "the server is at max_connections; retry later",
         );
     };
+    let query_token = request.uri().query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned())
+    });
+    let credentials = super::credentials(request.headers(), query_token.as_deref());
     let on_upgrade = hyper::upgrade::on(&mut request);
     let codec = chosen.unwrap_or(Codec::Json);
     let config = ws_config(app.broker.config().server.max_frame);
@@ -119,7 +125,7 @@ pub async fn upgrade(
         let socket =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
-        serve_socket(task_app, socket, codec, remote).await;
+        serve_socket(task_app, socket, codec, remote, credentials).await;
     });
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -157,7 +163,13 @@ fn ws_config(max_frame: u64) -> WebSocketConfig {
         .max_frame_size(Some(hard))
 }
 
-async fn serve_socket(app: Arc<AppState>, socket: Socket, codec: Codec, remote: SocketAddr) {
+async fn serve_socket(
+    app: Arc<AppState>,
+    socket: Socket,
+    codec: Codec,
+    remote: SocketAddr,
+    credentials: Option<String>,
+) {
     let server = &app.broker.config().server;
     let (sink, stream) = socket.split();
     let (out_tx, out_rx) = mpsc::channel(server.outbound_buffer);
@@ -166,6 +178,7 @@ async fn serve_socket(app: Arc<AppState>, socket: Socket, codec: Codec, remote: 
         conn_id: format!("c{}", app.broker.next_id()),
         remote: Some(remote),
         transport: "ws",
+        credentials,
     };
     // Fused: the closing handshake below may poll it after it ended.
     let mut inbound = Box::pin(inbound(stream, codec, server.max_frame, server.heartbeat).fuse());
