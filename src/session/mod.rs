@@ -490,6 +490,9 @@ impl Session {
                 last = until(deadline) => {
                     Box::pin(self.on_auth_deadline(last)).await?;
                 }
+                // The transport stopped taking frames (e.g. it cut a slow
+                // consumer): nothing more can reach the client.
+                () = self.out.closed() => return Err(Closed),
                 event = incoming.next(), if self.pending.len() < max_pending => {
                     let Some(event) = event else {
                         return Ok(());
