@@ -44,7 +44,7 @@ pub fn run(args: TokenArgs) -> anyhow::Result<()> {
         );
     }
     let channels =
-        (!args.publish.is_empty() || !args.subscribe.is_empty()).then(|| ChannelClaims {
+        (!args.publish.is_empty() || !args.subscribe.is_empty()).then_some(ChannelClaims {
             publish: args.publish,
             subscribe: args.subscribe,
         });
