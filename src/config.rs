@@ -400,10 +400,7 @@ impl ApiKey {
     pub fn may_publish(&self, channel: &str) -> bool {
         self.publish
             .iter()
-            .any(|pattern| match pattern.strip_suffix('*') {
-                Some(prefix) => channel.starts_with(prefix),
-                None => pattern == channel,
-            })
+            .any(|pattern| crate::auth::Pattern::new(pattern, None).matches(channel))
     }
 }
 

@@ -37,6 +37,8 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Inspect and operate a running broker through its admin API.
     Admin(cli::admin::AdminArgs),
+    /// Mint a development token (JWT) from the configured secret.
+    Token(cli::token::TokenArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -133,6 +135,7 @@ fn main() -> ExitCode {
             init_logging("text", "warn");
             runtime.block_on(cli::admin::run(args))
         }
+        Command::Token(args) => cli::token::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

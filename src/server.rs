@@ -92,6 +92,11 @@ impl Server {
             (admin_listener, admin),
             cancel.clone(),
         ));
+        if !config.auth.tokens_configured() {
+            tracing::warn!(
+                "no token key configured ([auth] jwt_secret, jwt_secret_file or jwt_public_key): every connection is anonymous and may use every channel (the development default)"
+            );
+        }
         if config.auth.api_keys.is_empty() {
             tracing::warn!(
                 "no API key configured ([auth] api_keys): POST /api/publish accepts unauthenticated requests"

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
 use common::*;
+use courier::protocol::*;
 
 fn courier(args: &[&str], url: &str, stdin: Option<&str>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
@@ -183,4 +184,62 @@ fn bench_durable_prints_a_parseable_json_line() {
         (Some(0), Some(0))
     );
     assert!(summary["msgs_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test]
+async fn courier_token_mints_a_token_the_broker_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[auth]\njwt_secret = \"a-development-secret-of-32-bytes!!\"\n";
+    let path = dir.path().join("courier.toml");
+    std::fs::write(&path, config).unwrap();
+    let path_text = path.to_str().unwrap();
+    let minted = courier(
+        &[
+            "token",
+            "--sub",
+            "alice",
+            "--pub",
+            "chat:*",
+            "--sub-channels",
+            "chat:*",
+            "--ttl",
+            "10m",
+            "--config",
+            path_text,
+        ],
+        "",
+        None,
+    );
+    let token = stdout(&minted).trim().to_owned();
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+
+    let broker = ChildBroker::start(dir.path(), config);
+    let connect = Connect {
+        token: Some(token),
+        ..Connect::default()
+    };
+    let (mut client, connected) = Client::connect_with(&broker.url(), Codec::Json, connect).await;
+    assert_eq!(connected.user.as_deref(), Some("alice"));
+    assert_eq!(client.publish("chat:lobby", b"1").await, 1);
+    client
+        .send(&ClientFrame::Publish(Publish {
+            id: 77,
+            channel: "news:today".into(),
+            data: Some(courier::protocol::Payload(bytes::Bytes::from_static(b"1"))),
+            ..Publish::default()
+        }))
+        .await;
+    let denied = client.error().await;
+    assert_eq!((denied.id, denied.code), (Some(77), ErrorCode::Forbidden));
+
+    // Without a secret the command says what to set.
+    std::fs::write(&path, "").unwrap();
+    let refused = courier(
+        &["token", "--sub", "alice", "--config", path_text],
+        "",
+        None,
+    );
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("jwt_secret"), "{stderr}");
 }

@@ -739,3 +739,62 @@ async fn a_purged_channel_is_subscribed_again_and_reported_as_an_epoch_change() 
     assert_eq!((delivery.seq, &delivery.data[..]), (1, &b"after"[..]));
     client.close().await;
 }
+
+#[tokio::test]
+async fn refresh_replaces_an_expiring_token_and_a_foreign_one_is_refused() {
+    const SECRET: &str = "sdk-test-secret-of-at-least-32-bytes";
+    let broker = TestBroker::start_with(|c| {
+        c.auth.jwt_secret = Some(SECRET.into());
+        c.auth.refresh_window = Duration::from_secs(1);
+    })
+    .await;
+    let auth = courier::auth::Auth::from_config(&broker_auth(SECRET)).unwrap();
+    // Expired a moment ago, inside the 5 s leeway: the server closes the
+    // connection with 4001 about 5 s from now unless it is refreshed.
+    let expiring = auth
+        .mint(&courier::auth::claims_for("alice", 0, None))
+        .unwrap();
+    let url = broker.url();
+    let client = Client::builder(url.as_str())
+        .token(expiring)
+        .connect()
+        .await
+        .unwrap();
+    let mut events = client.events();
+
+    let bob = auth
+        .mint(&courier::auth::claims_for("bob", 3600, None))
+        .unwrap();
+    let refused = client.refresh(bob).await.unwrap_err();
+    assert!(
+        matches!(
+            &refused.kind,
+            RequestErrorKind::Rejected {
+                code: ErrorCode::Forbidden,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    let fresh = auth
+        .mint(&courier::auth::claims_for("alice", 3600, None))
+        .unwrap();
+    client.refresh(fresh).await.unwrap();
+
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    assert_eq!(client.publish("chat:r", "still here").await.unwrap(), 1);
+    while let Ok(event) = events.try_recv() {
+        assert!(
+            !matches!(event, Event::Disconnected { .. }),
+            "the refreshed connection stayed up: {event:?}"
+        );
+    }
+    client.close().await;
+}
+
+fn broker_auth(secret: &str) -> courier::config::AuthConfig {
+    courier::config::AuthConfig {
+        jwt_secret: Some(secret.into()),
+        ..courier::config::AuthConfig::default()
+    }
+}

@@ -22,12 +22,12 @@ use axum::routing::{MethodRouter, on};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::broker::Broker;
 use crate::broker::admin::StoredMessage;
-use crate::broker::{Broker, BrokerError};
 use crate::metrics;
 use crate::protocol::{ChannelName, ErrorCode};
 use crate::session::registry::{ConnectionHandle, Control};
-use crate::transport::json_error;
+use crate::transport::{ApiError, json_error};
 
 pub use token::{TOKEN_FILE, TokenSource, resolve_token};
 
@@ -124,12 +124,8 @@ pub fn router(state: AdminState) -> Router {
 
 /// Constant-time comparison: the token is a secret.
 fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    use subtle::ConstantTimeEq;
+    bool::from(given.ct_eq(expected))
 }
 
 async fn authorize(State(state): State<Shared>, request: Request, next: Next) -> Response {
@@ -210,44 +206,15 @@ async fn method_not_allowed() -> Response {
     )
 }
 
-/// An admin API failure, as a status and a JSON error body.
-struct ApiError(StatusCode, ErrorCode, String);
-
-impl ApiError {
-    fn bad_request(message: impl Into<String>) -> Self {
-        Self(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::BadRequest,
-            message.into(),
-        )
-    }
-
-    fn not_found(message: impl Into<String>) -> Self {
-        Self(StatusCode::NOT_FOUND, ErrorCode::NotFound, message.into())
-    }
-}
-
-impl From<BrokerError> for ApiError {
-    fn from(e: BrokerError) -> Self {
-        let code = e.code();
-        let status = match code {
-            ErrorCode::BadRequest | ErrorCode::TooLarge => StatusCode::BAD_REQUEST,
-            ErrorCode::NotFound => StatusCode::NOT_FOUND,
-            ErrorCode::Conflict => StatusCode::CONFLICT,
-            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        Self(status, code, e.to_string())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        json_error(self.0, self.1, &self.2)
-    }
-}
-
 type ApiResult<T> = Result<axum::Json<T>, ApiError>;
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::BadRequest, message)
+}
+
+fn not_found_error(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, message)
+}
 
 fn query_pairs(query: Option<&str>) -> HashMap<String, String> {
     form_urlencoded::parse(query.unwrap_or("").as_bytes())
@@ -262,7 +229,7 @@ impl Params {
     fn new(query: Option<String>, allowed: &[&str]) -> Result<Self, ApiError> {
         let pairs = query_pairs(query.as_deref());
         if let Some(unknown) = pairs.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return Err(ApiError::bad_request(format!(
+            return Err(bad_request(format!(
                 "unknown query parameter `{unknown}` (this route takes: {})",
                 allowed.join(", ")
             )));
@@ -278,7 +245,7 @@ impl Params {
         self.text(name)
             .map(|v| {
                 v.parse::<u64>().map_err(|_| {
-                    ApiError::bad_request(format!(
+                    bad_request(format!(
                         "query parameter `{name}` must be a whole number ≥ 0, not {v:?}"
                     ))
                 })
@@ -292,22 +259,19 @@ impl Params {
             Some(n) if (1..=MAX_LIMIT as u64).contains(&n) => {
                 Ok(usize::try_from(n).unwrap_or(MAX_LIMIT))
             }
-            Some(n) => Err(ApiError::bad_request(format!(
-                "limit must be 1–{MAX_LIMIT}, not {n}"
-            ))),
+            Some(n) => Err(bad_request(format!("limit must be 1–{MAX_LIMIT}, not {n}"))),
         }
     }
 }
 
 fn channel_name(raw: &str) -> Result<ChannelName, ApiError> {
-    ChannelName::new(raw).map_err(|e| ApiError::bad_request(format!("channel {raw:?}: {e}")))
+    ChannelName::new(raw).map_err(|e| bad_request(format!("channel {raw:?}: {e}")))
 }
 
 /// A JSON body, with errors that name the field.
 fn json_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut de)
-        .map_err(|e| ApiError::bad_request(format!("request body: {e}")))
+    serde_path_to_error::deserialize(&mut de).map_err(|e| bad_request(format!("request body: {e}")))
 }
 
 async fn metrics_text(State(state): State<Shared>) -> Response {
@@ -501,7 +465,7 @@ async fn dlq_list(
                 .split_once(':')
                 .and_then(|(seq, consumer)| Some((seq.parse::<u64>().ok()?, consumer.to_owned())));
             Some(parsed.ok_or_else(|| {
-                ApiError::bad_request(format!(
+                bad_request(format!(
                     "after must be the `next` of a previous page (seq:consumer), not {cursor:?}"
                 ))
             })?)
@@ -550,11 +514,11 @@ impl Selection {
         match (self.seq, self.from, self.to, self.all) {
             (Some(seq), None, None, None | Some(false)) => Ok(seq..=seq),
             (None, Some(from), Some(to), None | Some(false)) if from <= to => Ok(from..=to),
-            (None, Some(from), Some(to), None | Some(false)) => Err(ApiError::bad_request(
-                format!("from ({from}) is after to ({to})"),
-            )),
+            (None, Some(from), Some(to), None | Some(false)) => {
+                Err(bad_request(format!("from ({from}) is after to ({to})")))
+            }
             (None, None, None, Some(true)) => Ok(0..=u64::MAX),
-            _ => Err(ApiError::bad_request(
+            _ => Err(bad_request(
                 "give exactly one of `seq`, `from` with `to`, or `all: true`",
             )),
         }
@@ -713,7 +677,7 @@ async fn kick(
     };
     let code = body.code.unwrap_or(crate::protocol::close::POLICY);
     if !(4000..=4999).contains(&code) {
-        return Err(ApiError::bad_request(format!(
+        return Err(bad_request(format!(
             "code must be an application close code, 4000–4999, not {code}"
         )));
     }
@@ -721,7 +685,7 @@ async fn kick(
         .reason
         .unwrap_or_else(|| "kicked by an operator".to_owned());
     if reason.len() > 120 {
-        return Err(ApiError::bad_request(
+        return Err(bad_request(
             "reason must be at most 120 bytes (a close frame's limit)",
         ));
     }
@@ -729,9 +693,9 @@ async fn kick(
         .broker
         .connections()
         .get(&id)
-        .ok_or_else(|| ApiError::not_found(format!("no open connection {id:?}")))?;
+        .ok_or_else(|| not_found_error(format!("no open connection {id:?}")))?;
     if !connection.send(Control::Kick { code, reason }) {
-        return Err(ApiError::not_found(format!(
+        return Err(not_found_error(format!(
             "connection {id:?} has just closed"
         )));
     }

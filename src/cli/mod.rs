@@ -4,3 +4,4 @@
 pub mod admin;
 pub mod bench;
 pub mod pubsub;
+pub mod token;

@@ -41,6 +41,12 @@ pub(super) enum Command {
     Ping {
         reply: oneshot::Sender<Result<Duration, RequestError>>,
     },
+    /// A new token: used for every later connect, and sent now as
+    /// `refresh` when connected (answered like a ping).
+    Refresh {
+        token: String,
+        reply: oneshot::Sender<Result<Duration, RequestError>>,
+    },
     Close {
         reply: oneshot::Sender<()>,
     },

@@ -335,6 +335,27 @@ impl Client {
             .map_err(|_| RequestError::from(RequestErrorKind::Closed))?
     }
 
+    /// Replaces the token before the current one expires: sends `refresh`
+    /// on the live connection (resolving when the server accepts it) and
+    /// uses the new token for every later reconnect. A token the server
+    /// refuses is an error with kind `Rejected` (`unauthorized`, or
+    /// `forbidden` for another user's token); the connection keeps its
+    /// old token until that one expires.
+    pub async fn refresh(&self, token: impl Into<String>) -> Result<(), RequestError> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Refresh {
+            token: token.into(),
+            reply,
+        };
+        if self.tx.send(command).await.is_err() {
+            return Err(RequestErrorKind::Closed.into());
+        }
+        answer
+            .await
+            .map_err(|_| RequestError::from(RequestErrorKind::Closed))?
+            .map(|_| ())
+    }
+
     /// Lifecycle events from now on. Each receiver keeps up to
     /// [`EVENT_BUFFER`] events it has not read yet.
     pub fn events(&self) -> broadcast::Receiver<Event> {

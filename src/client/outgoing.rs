@@ -43,7 +43,11 @@ impl Driver {
                 generation,
                 control,
             } => self.on_control(sub_id, generation, control),
-            Command::Ping { reply } => self.on_ping(reply),
+            Command::Ping { reply } => self.on_ping(reply, None),
+            Command::Refresh { token, reply } => {
+                std::sync::Arc::make_mut(&mut self.options).token = Some(token.clone());
+                self.on_ping(reply, Some(token));
+            }
             Command::Close { reply } => self.closing.get_or_insert_with(Vec::new).push(reply),
         }
     }
@@ -262,7 +266,14 @@ impl Driver {
         self.queue_frame(&control_frame(id, channel, control));
     }
 
-    pub(super) fn on_ping(&mut self, reply: oneshot::Sender<Result<Duration, RequestError>>) {
+    /// A ping, or with `refresh` a `refresh` frame, which the server also
+    /// answers with `pong`. Unsent when disconnected: the next connection
+    /// pings instead (it connects with the new token already).
+    pub(super) fn on_ping(
+        &mut self,
+        reply: oneshot::Sender<Result<Duration, RequestError>>,
+        refresh: Option<String>,
+    ) {
         if self.closing.is_some() {
             let _ = reply.send(Err(RequestErrorKind::Closed.into()));
             return;
@@ -277,7 +288,16 @@ impl Driver {
             sent_at,
         };
         self.requests.insert(id, ping);
-        self.queue_frame(&ClientFrame::Ping(IdOnly { id }));
+        if self.conn.is_none() {
+            return;
+        }
+        match refresh {
+            Some(token) => self.queue_frame(&ClientFrame::Refresh(crate::protocol::Refresh {
+                id,
+                token,
+            })),
+            None => self.queue_frame(&ClientFrame::Ping(IdOnly { id })),
+        }
     }
 }
 

@@ -359,20 +359,17 @@ impl Session {
                 .await;
             return Err(Closed);
         }
-        let left = self
+        let expires = self
             .access
             .expires_ms
-            .map_or(0, |e| e.saturating_sub(now_ms()) / 1000);
-        let at = self.auth_deadline.map(|(at, _)| at);
-        let expires =
-            self.access.expires_ms.unwrap_or_else(now_ms) + crate::auth::LEEWAY_SECS * 1000;
-        self.auth_deadline = at.map(|_| {
-            (
-                tokio::time::Instant::now()
-                    + std::time::Duration::from_millis(expires.saturating_sub(now_ms())),
-                true,
-            )
-        });
+            .unwrap_or_else(now_ms)
+            .saturating_add(crate::auth::LEEWAY_SECS * 1000);
+        let left = expires.saturating_sub(now_ms());
+        self.auth_deadline = Some((
+            tokio::time::Instant::now() + std::time::Duration::from_millis(left),
+            true,
+        ));
+        let left = left / 1000;
         self.send(error(
             None,
             ErrorCode::Unauthorized,
@@ -490,6 +487,9 @@ impl Session {
                 last = until(deadline) => {
                     Box::pin(self.on_auth_deadline(last)).await?;
                 }
+                // The transport stopped taking frames (e.g. it cut a slow
+                // consumer): nothing more can reach the client.
+                () = self.out.closed() => return Err(Closed),
                 event = incoming.next(), if self.pending.len() < max_pending => {
                     let Some(event) = event else {
                         return Ok(());

@@ -109,6 +109,12 @@ impl ApiError {
     }
 }
 
+impl From<crate::broker::BrokerError> for ApiError {
+    fn from(e: crate::broker::BrokerError) -> Self {
+        Self::new(e.code(), e.to_string())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = json_error(self.status, self.code, &self.message);

@@ -173,7 +173,13 @@ async fn serve_socket(
     let server = &app.broker.config().server;
     let (sink, stream) = socket.split();
     let (out_tx, out_rx) = mpsc::channel(server.outbound_buffer);
-    let writer = tokio::spawn(write_loop(sink, out_rx, codec, server.heartbeat));
+    let writer = tokio::spawn(write_loop(
+        sink,
+        out_rx,
+        codec,
+        server.heartbeat,
+        server.slow_consumer_timeout,
+    ));
     let info = ConnectionInfo {
         conn_id: format!("c{}", app.broker.next_id()),
         remote: Some(remote),
@@ -253,31 +259,78 @@ fn frame_event(codec: Codec, arrived_as: Codec, bytes: &[u8], limit: usize) -> I
     Inbound::Frame(decode_client(codec, bytes))
 }
 
+/// Why the write loop stopped writing.
+enum Stop {
+    /// The socket failed (the peer is gone).
+    Failed,
+    /// A write could not finish within `slow_consumer_timeout`: the peer
+    /// reads nothing.
+    Stalled,
+}
+
+/// Awaits one socket write for at most `limit`.
+async fn timed(
+    limit: Duration,
+    write: impl std::future::Future<Output = Result<(), WsError>>,
+) -> Result<(), Stop> {
+    match tokio::time::timeout(limit, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Stop::Failed),
+        Err(_) => Err(Stop::Stalled),
+    }
+}
+
 /// Encodes and writes the session's frames, many per flush; pings every
-/// heartbeat. Ends on a close, when the session is gone, or on a write error.
+/// heartbeat. Ends on a close, when the session is gone, on a write error,
+/// or when the peer reads nothing for `stall` (then it is cut with 4009).
 async fn write_loop(
     mut sink: SplitSink<Socket, Message>,
+    frames: mpsc::Receiver<Outgoing>,
+    codec: Codec,
+    heartbeat: Duration,
+    stall: Duration,
+) {
+    if let Err(Stop::Stalled) = write_frames(&mut sink, frames, codec, heartbeat, stall).await {
+        crate::metrics::CONNECTIONS_CLOSED
+            .with_label_values(&[&close::SLOW_CONSUMER.to_string()])
+            .inc();
+        tracing::info!(
+            "closing a connection that read nothing for {stall:?} (slow consumer, 4009)"
+        );
+        let frame = CloseFrame {
+            code: close::SLOW_CONSUMER.into(),
+            reason: "slow consumer: the client read nothing for too long".into(),
+        };
+        // Best effort: the socket is full, so this may never reach the peer.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            sink.send(Message::Close(Some(frame))),
+        )
+        .await;
+    }
+}
+
+async fn write_frames(
+    sink: &mut SplitSink<Socket, Message>,
     mut frames: mpsc::Receiver<Outgoing>,
     codec: Codec,
     heartbeat: Duration,
-) {
+    stall: Duration,
+) -> Result<(), Stop> {
     let mut ping = tokio::time::interval(heartbeat);
     ping.reset();
-    let deadline = heartbeat * 2;
     loop {
         let first = tokio::select! {
             biased;
             first = frames.recv() => first,
             _ = ping.tick() => {
-                if !matches!(tokio::time::timeout(deadline, sink.send(Message::Ping(Default::default()))).await, Ok(Ok(()))) {
-                    return;
-                }
+                timed(stall, sink.send(Message::Ping(Default::default()))).await?;
                 continue;
             }
         };
         let Some(first) = first else {
-            let _ = tokio::time::timeout(deadline, sink.close()).await;
-            return;
+            let _ = tokio::time::timeout(heartbeat, sink.close()).await;
+            return Ok(());
         };
         let mut next = Some(first);
         let mut written = 0;
@@ -302,29 +355,19 @@ async fn write_loop(
                         code: code.into(),
                         reason: reason.into(),
                     };
-                    let _ = tokio::time::timeout(deadline, sink.send(Message::Close(Some(frame))))
+                    let _ = tokio::time::timeout(heartbeat, sink.send(Message::Close(Some(frame))))
                         .await;
                     // Read side ends when the peer answers the close; drop the rest.
                     frames.close();
-                    return;
+                    return Ok(());
                 }
             };
-            if !matches!(
-                tokio::time::timeout(deadline, sink.feed(message)).await,
-                Ok(Ok(()))
-            ) {
-                return;
-            }
+            timed(stall, sink.feed(message)).await?;
             written += 1;
             if written < WRITE_BATCH {
                 next = frames.try_recv().ok();
             }
         }
-        if !matches!(
-            tokio::time::timeout(deadline, sink.flush()).await,
-            Ok(Ok(()))
-        ) {
-            return;
-        }
+        timed(stall, sink.flush()).await?;
     }
 }
