@@ -42,9 +42,19 @@ pub fn credentials(headers: &axum::http::HeaderMap, query_token: Option<&str>) -
     headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_owned())
+        .and_then(bearer)
+        .map(str::to_owned)
         .or_else(|| query_token.map(str::to_owned))
+        .filter(|t| !t.is_empty())
+}
+
+/// The token of an `Authorization: Bearer <token>` value (the scheme in
+/// any case, as RFC 9110 says).
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
         .filter(|t| !t.is_empty())
 }
 
