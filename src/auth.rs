@@ -5,8 +5,8 @@
 //! key the operator configured, never by the token's header, so `alg: none`
 //! and algorithm-confusion tokens are refused. Claims:
 //!
-//! - `sub`: the user id (required, 1–200 bytes of channel-name characters,
-//!   so `inbox:<sub>` is a valid channel);
+//! - `sub`: the user id (required, 1–194 bytes of channel-name characters,
+//!   so `inbox:<sub>` is a valid channel name);
 //! - `exp`: expiry, seconds since the Unix epoch (required);
 //! - `channels` (optional): capabilities, `{"pub": [...], "sub": [...]}`,
 //!   each a list of channel patterns: an exact name or a prefix ending in
@@ -78,6 +78,14 @@ pub struct ChannelClaims {
     pub subscribe: Vec<String>,
 }
 
+/// The `aud` claim: one audience or several (RFC 7519 allows both).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
 /// The claims Courier reads; others are ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
@@ -86,7 +94,7 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channels: Option<ChannelClaims>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<Audience>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
 }
@@ -199,6 +207,8 @@ impl Auth {
         validation.validate_aud = config.audience.is_some();
         if let Some(audience) = &config.audience {
             validation.set_audience(&[audience]);
+            // Without this a token with no `aud` at all would pass.
+            validation.required_spec_claims.insert("aud".into());
         }
         if let Some(issuer) = &config.issuer {
             validation.set_issuer(&[issuer]);
@@ -240,7 +250,7 @@ impl Auth {
         let claims = data.claims;
         if claims.sub.is_empty() || ChannelName::new(&format!("inbox:{}", claims.sub)).is_err() {
             return Err(AuthError::Invalid(
-                "the sub claim must be 1–190 bytes of A–Z a–z 0–9 _ . @ = -".into(),
+                "the sub claim must be 1–194 bytes of channel-name characters (A–Z a–z 0–9 _ . : @ / = -)".into(),
             ));
         }
         let user = claims.sub;
@@ -336,7 +346,7 @@ mod tests {
     fn bad_tokens_are_refused_with_a_reason() {
         let auth = hmac(Some("courier"));
         let mut claims = claims_for("alice", 60, None);
-        claims.aud = Some("courier".into());
+        claims.aud = Some(Audience::One("courier".into()));
         assert!(auth.verify(&sign(&claims, SECRET)).is_ok());
         let wrong_secret = sign(&claims, "another-secret-another-secret-000000");
         assert!(
@@ -349,7 +359,19 @@ mod tests {
             Err(AuthError::Expired)
         );
         let mut other_audience = claims.clone();
-        other_audience.aud = Some("someone-else".into());
+        other_audience.aud = Some(Audience::One("someone-else".into()));
+        let mut several = claims.clone();
+        several.aud = Some(Audience::Many(vec!["other".into(), "courier".into()]));
+        assert!(
+            auth.verify(&sign(&several, SECRET)).is_ok(),
+            "an aud array naming us"
+        );
+        let mut none = claims.clone();
+        none.aud = None;
+        assert!(
+            matches!(auth.verify(&sign(&none, SECRET)), Err(AuthError::Invalid(m)) if m.contains("aud")),
+            "aud required"
+        );
         assert!(
             matches!(auth.verify(&sign(&other_audience, SECRET)), Err(AuthError::Invalid(m)) if m.contains("audience"))
         );
@@ -375,7 +397,7 @@ mod tests {
             matches!(auth.verify(&hs512), Err(AuthError::Invalid(m)) if m.contains("algorithm"))
         );
         let mut bad_sub = claims_for("a b", 60, None);
-        bad_sub.aud = Some("courier".into());
+        bad_sub.aud = Some(Audience::One("courier".into()));
         assert!(auth.verify(&sign(&bad_sub, SECRET)).is_err());
     }
 

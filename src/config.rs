@@ -801,6 +801,11 @@ impl Config {
                     "namespaces.{name}: a namespace name is a channel-name prefix without ':'"
                 ));
             }
+            if ns.join_leave && !ns.presence {
+                return Err(format!(
+                    "namespaces.{name}.join_leave needs namespaces.{name}.presence = true"
+                ));
+            }
             let checks = [
                 ("max_in_flight", ns.max_in_flight == 0),
                 ("max_deliver", ns.max_deliver == 0),

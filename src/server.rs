@@ -94,7 +94,7 @@ impl Server {
         ));
         if !config.auth.tokens_configured() {
             tracing::warn!(
-                "no token key configured ([auth] jwt_secret, jwt_secret_file or jwt_public_key): every connection is anonymous and may use every channel (the development default)"
+                "no token key configured ([auth] jwt_secret, jwt_secret_file or jwt_public_key): every connection is anonymous and may use every channel but server-side-only namespaces (the development default)"
             );
         }
         if config.auth.api_keys.is_empty() {
@@ -272,6 +272,7 @@ fn spawn_background(
         tracker.spawn(async move {
             let mut tick = tokio::time::interval(STATS_INTERVAL);
             let mut last = tokio::time::Instant::now();
+            let mut ticks: u64 = 0;
             while !cancel.is_cancelled() {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
@@ -280,6 +281,11 @@ fn spawn_background(
                 let now = tokio::time::Instant::now();
                 broker.sample_rates(now - last);
                 last = now;
+                ticks += 1;
+                if ticks.is_multiple_of(60) {
+                    // Forget the rate-limit state of users idle for a while.
+                    broker.limits().retain_recent();
+                }
             }
         })
     };

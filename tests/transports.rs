@@ -780,3 +780,39 @@ async fn cors_only_for_configured_origins() {
     .await;
     assert!(!reply.headers.contains_key("access-control-allow-origin"));
 }
+
+#[tokio::test]
+async fn a_rate_limited_poll_publish_says_when_to_retry() {
+    let broker = TestBroker::start_with(|c| {
+        c.limits.publish_per_sec = 1;
+        c.limits.publish_burst = 2;
+    })
+    .await;
+    let addr = broker.addr;
+    let opened = http::get(addr, "/poll?channels=rl:a&wait=0").await.json();
+    let session = opened["session"].as_str().unwrap().to_owned();
+    let publish = json!({"session": session, "channel": "rl:a", "data": 1});
+    for _ in 0..2 {
+        let ok = http::post_json(addr, "/poll/publish", &publish).await;
+        assert_eq!(ok.status, 200, "{}", ok.json());
+    }
+    let limited = http::post_json(addr, "/poll/publish", &publish).await;
+    assert_eq!(
+        (limited.status, limited.code().as_str()),
+        (429, "rate_limited")
+    );
+    let wait = limited.json()["retry_after_ms"]
+        .as_u64()
+        .expect("retry_after_ms");
+    assert!((1..=1000).contains(&wait), "{wait}");
+    assert_eq!(
+        limited
+            .headers
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+    let again = http::post_json(addr, "/poll/publish", &publish).await;
+    assert_eq!(again.status, 200, "after the wait: {}", again.json());
+}

@@ -137,8 +137,7 @@ async fn authorize(State(state): State<Shared>, request: Request, next: Next) ->
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(crate::transport::bearer);
     let page = path == "/admin/ui";
     let from_query = page
         .then(|| query_pairs(request.uri().query()).remove("token"))

@@ -50,7 +50,11 @@ pub fn run(args: TokenArgs) -> anyhow::Result<()> {
         });
     let ttl = args.ttl.as_secs().max(1);
     let mut claims = claims_for(&args.user, ttl, channels);
-    claims.aud = config.auth.audience.clone();
+    claims.aud = config
+        .auth
+        .audience
+        .clone()
+        .map(courier::auth::Audience::One);
     claims.iss = config.auth.issuer.clone();
     let token = auth.mint(&claims).context("cannot sign the token")?;
     // The token must verify with the same config, or it is of no use.

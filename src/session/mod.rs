@@ -335,18 +335,15 @@ impl Session {
         let window =
             u64::try_from(self.broker.config().auth.refresh_window.as_millis()).unwrap_or(u64::MAX);
         self.auth_deadline = self.access.expires_ms.map(|expires| {
-            let expires = expires.saturating_add(crate::auth::LEEWAY_SECS * 1000);
             let now = now_ms();
-            let warn_at = expires.saturating_sub(window);
-            let after = |at: u64| {
+            // Warned `refresh_window` before `exp` (at once when less is
+            // left); closed at `exp` plus the verification leeway.
+            let warn_at = expires.saturating_sub(window).max(now);
+            let in_ms = |at: u64| {
                 tokio::time::Instant::now()
                     + std::time::Duration::from_millis(at.saturating_sub(now))
             };
-            if warn_at > now {
-                (after(warn_at), false)
-            } else {
-                (after(expires), true)
-            }
+            (in_ms(warn_at), false)
         });
     }
 

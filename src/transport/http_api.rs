@@ -196,15 +196,7 @@ fn authenticate<'a>(
             "an API key is required: send Authorization: Bearer <key>",
         ));
     };
-    let given = value
-        .to_str()
-        .ok()
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .unwrap_or("");
+    let given = value.to_str().ok().and_then(super::bearer).unwrap_or("");
     // Compare with every key, in constant time, so the time taken tells
     // nothing about which key (or how much of one) matched.
     let mut found = None;

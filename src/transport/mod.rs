@@ -42,9 +42,19 @@ pub fn credentials(headers: &axum::http::HeaderMap, query_token: Option<&str>) -
     headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_owned())
+        .and_then(bearer)
+        .map(str::to_owned)
         .or_else(|| query_token.map(str::to_owned))
+        .filter(|t| !t.is_empty())
+}
+
+/// The token of an `Authorization: Bearer <token>` value (the scheme in
+/// any case, as RFC 9110 says).
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
         .filter(|t| !t.is_empty())
 }
 
@@ -89,6 +99,9 @@ pub struct ApiError {
     pub message: String,
     /// Answer with `WWW-Authenticate: Bearer` (a 401 of the publish API).
     pub challenge: bool,
+    /// A rate limit's wait: `Retry-After` (whole seconds, rounded up) and
+    /// `retry_after_ms` in the body.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl ApiError {
@@ -99,6 +112,7 @@ impl ApiError {
             code,
             message: message.into(),
             challenge: false,
+            retry_after_ms: None,
         }
     }
 
@@ -117,7 +131,28 @@ impl From<crate::broker::BrokerError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = json_error(self.status, self.code, &self.message);
+        let mut response = match self.retry_after_ms {
+            Some(ms) => {
+                let mut response = (
+                    self.status,
+                    axum::Json(serde_json::json!({
+                        "code": self.code,
+                        "message": self.message,
+                        "retry_after_ms": ms,
+                    })),
+                )
+                    .into_response();
+                if let Ok(value) =
+                    axum::http::HeaderValue::from_str(&ms.div_ceil(1000).max(1).to_string())
+                {
+                    response
+                        .headers_mut()
+                        .insert(axum::http::header::RETRY_AFTER, value);
+                }
+                response
+            }
+            None => json_error(self.status, self.code, &self.message),
+        };
         if self.challenge {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

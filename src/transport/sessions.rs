@@ -135,7 +135,11 @@ impl RequestError {
     /// The HTTP error for this failure.
     pub fn into_api(self) -> ApiError {
         match self {
-            Self::Refused(e) => ApiError::new(e.code, e.message),
+            Self::Refused(e) => {
+                let mut error = ApiError::new(e.code, e.message);
+                error.retry_after_ms = e.retry_after_ms;
+                error
+            }
             Self::Gone(message) => ApiError::new(ErrorCode::Unavailable, message),
         }
     }
