@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use common::*;
-use courier::auth::{ChannelClaims, Claims, claims_for};
+use courier::auth::{Audience, ChannelClaims, Claims, claims_for};
 use courier::config::{Config, NamespacePolicy, PublishRule};
 use courier::protocol::*;
 use futures_util::{SinkExt, StreamExt};
@@ -47,7 +47,7 @@ fn sign_hs(claims: &Claims, algorithm: Algorithm, secret: &[u8]) -> String {
 /// Claims of `user` for `ttl_secs`, with the test audience and issuer.
 fn claims(user: &str, ttl_secs: u64, channels: Option<ChannelClaims>) -> Claims {
     let mut claims = claims_for(user, ttl_secs, channels);
-    claims.aud = Some(AUDIENCE.into());
+    claims.aud = Some(Audience::One(AUDIENCE.into()));
     claims.iss = Some(ISSUER.into());
     claims
 }
@@ -280,19 +280,15 @@ async fn bad_tokens_close_with_4001_and_a_reason() {
     let mut expired = good.clone();
     expired.exp = now_ms() / 1000 - 60;
     let mut wrong_audience = good.clone();
-    wrong_audience.aud = Some("someone-else".into());
+    wrong_audience.aud = Some(Audience::One("someone-else".into()));
+    let mut no_audience = good.clone();
+    no_audience.aud = None;
+    let mut others_only = good.clone();
+    others_only.aud = Some(Audience::Many(vec!["a".into(), "b".into()]));
     let mut wrong_issuer = good.clone();
     wrong_issuer.iss = Some("https://evil.test".into());
     let mut no_issuer = good.clone();
     no_issuer.iss = None;
-    let mut array_audience = serde_json::to_value(&good).unwrap();
-    array_audience["aud"] = serde_json::json!([AUDIENCE, "other"]);
-    let array_audience = jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &array_audience,
-        &EncodingKey::from_secret(SECRET.as_bytes()).unwrap(),
-    )
-    .unwrap();
     let mut bad_sub = good.clone();
     bad_sub.sub = "alice bob".into();
     let sign = |c: &Claims| sign_hs(c, Algorithm::HS256, SECRET.as_bytes());
@@ -304,7 +300,12 @@ async fn bad_tokens_close_with_4001_and_a_reason() {
         ("alg none", Some(alg_none), "invalid token"),
         ("expired", Some(sign(&expired)), "expired"),
         ("wrong audience", Some(sign(&wrong_audience)), "audience"),
-        ("audience array", Some(array_audience), "invalid token"),
+        ("no audience", Some(sign(&no_audience)), "aud"),
+        (
+            "audience array without ours",
+            Some(sign(&others_only)),
+            "audience",
+        ),
         ("wrong issuer", Some(sign(&wrong_issuer)), "issuer"),
         ("no issuer", Some(sign(&no_issuer)), "iss"),
         ("bad sub", Some(sign(&bad_sub)), "sub"),
@@ -332,8 +333,13 @@ async fn bad_tokens_close_with_4001_and_a_reason() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // The same claims, correctly signed, pass.
+    // The same claims, correctly signed, pass; so does an `aud` array
+    // that names this server among others.
     let (_alice, connected) = connect_as(&url, sign(&good)).await;
+    assert_eq!(connected.user.as_deref(), Some("alice"));
+    let mut several = good.clone();
+    several.aud = Some(Audience::Many(vec!["other".into(), AUDIENCE.into()]));
+    let (_bob, connected) = connect_as(&url, sign(&several)).await;
     assert_eq!(connected.user.as_deref(), Some("alice"));
 }
 
@@ -646,14 +652,26 @@ async fn an_expiring_token_is_warned_then_closed_unless_refreshed() {
     })
     .await;
     let url = broker.url();
-    let short = |user: &str| sign_hs(&claims(user, 2, None), Algorithm::HS256, SECRET.as_bytes());
-    let expires_ms = (now_ms() / 1000 + 2) * 1000;
+    // Tokens that expire in 1–2 s (`exp` is in whole seconds).
+    let alice = claims("alice", 2, None);
+    let expires_ms = alice.exp * 1000;
     let close_at = expires_ms + courier::auth::LEEWAY_SECS * 1000;
+    let alice = sign_hs(&alice, Algorithm::HS256, SECRET.as_bytes());
+    let carol = sign_hs(
+        &claims("carol", 2, None),
+        Algorithm::HS256,
+        SECRET.as_bytes(),
+    );
 
-    let (mut lapsing, _) = connect_as(&url, short("alice")).await;
-    let (mut refreshing, _) = connect_as(&url, short("carol")).await;
+    let (mut refreshing, _) = connect_as(&url, carol).await;
+    let (id, reply) = try_refresh(&mut refreshing, token("carol")).await;
+    assert!(
+        matches!(reply, ServerFrame::Pong(IdOnly { id: echoed }) if echoed == id),
+        "a refresh is answered by pong with its id: {reply:?}"
+    );
 
     // A refresh must carry the same user, and a valid token.
+    let (mut lapsing, _) = connect_as(&url, alice).await;
     let (_, reply) = try_refresh(&mut lapsing, token("mallory")).await;
     let e = expect_error(&reply, ErrorCode::Forbidden);
     assert!(e.message.contains("own user"), "{e:?}");
@@ -668,23 +686,22 @@ async fn an_expiring_token_is_warned_then_closed_unless_refreshed() {
     .await;
     expect_error(&reply, ErrorCode::Unauthorized);
 
-    let (id, reply) = try_refresh(&mut refreshing, token("carol")).await;
-    assert!(
-        matches!(reply, ServerFrame::Pong(IdOnly { id: echoed }) if echoed == id),
-        "a refresh is answered by pong with its id: {reply:?}"
-    );
-
-    // The warning comes `refresh_window` before the close, the close at
-    // exp + leeway (none of the refused refreshes moved it).
+    // The warning comes `refresh_window` before `exp`, the close at
+    // `exp` + leeway (none of the refused refreshes moved them).
     let warning = lapsing.error().await;
     let warned_ms = now_ms();
     assert_eq!(warning.code, ErrorCode::Unauthorized, "{warning:?}");
     assert_eq!(warning.id, None);
     assert!(warning.message.contains("refresh"), "{warning:?}");
     assert!(
-        warned_ms + 1500 >= close_at,
-        "warned {} ms before the close: refresh_window is 1 s",
-        close_at.saturating_sub(warned_ms)
+        warned_ms + 200 >= expires_ms - 1000,
+        "warned {} ms before exp: refresh_window is 1 s",
+        expires_ms - warned_ms
+    );
+    assert!(
+        warned_ms <= expires_ms + 500,
+        "warned {} ms after exp, not before it",
+        warned_ms.saturating_sub(expires_ms)
     );
     let (code, reason) = close_of(&mut lapsing.ws).await;
     let closed_ms = now_ms();
