@@ -189,6 +189,7 @@ async fn serve(
         sessions: Arc::new(crate::transport::sessions::Registry::new(
             config.http.max_sessions,
         )),
+        publishers: std::sync::Mutex::default(),
     });
     let background = spawn_background(&broker, &tracker, &cancel);
     let app = public_router(state).into_make_service_with_connect_info::<SocketAddr>();

@@ -384,3 +384,34 @@ async fn every_error_path_has_a_clear_json_error() {
     let reply = http::get(broker.addr, "/api/nothing").await;
     assert_eq!((reply.status, reply.code().as_str()), (404, "not_found"));
 }
+
+#[tokio::test]
+async fn the_publish_api_is_rate_limited_per_key_and_says_when_to_retry() {
+    let broker = TestBroker::start_with(|c| {
+        c.limits.publish_per_sec = 1;
+        c.limits.publish_burst = 2;
+    })
+    .await;
+    let addr = broker.addr;
+    let one = json!({"channel": "rl:api", "data": 1});
+    for _ in 0..2 {
+        assert_eq!(
+            http::post_json(addr, "/api/publish", &one).await.status,
+            200
+        );
+    }
+    let limited = http::post_json(addr, "/api/publish", &one).await;
+    assert_eq!(
+        (limited.status, limited.code().as_str()),
+        (429, "rate_limited")
+    );
+    assert!(limited.headers.get("retry-after").is_some());
+    let wait = limited.json()["retry_after_ms"].as_u64().unwrap();
+    // A batch over the limit stores nothing.
+    tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+    let batch = json!({"messages": [one.clone(), one.clone(), one.clone()]});
+    let refused = http::post_json(addr, "/api/publish/batch", &batch).await;
+    assert_eq!(refused.status, 429, "{}", refused.json());
+    let stored = broker.admin().get("/admin/channels/rl:api").await;
+    assert_eq!(stored["last_seq"], 2, "the refused batch stored nothing");
+}

@@ -249,6 +249,36 @@ fn check(
     })
 }
 
+/// Takes the messages' rates from the caller's publish limits (per API
+/// key, as `[limits]` sets them per connection and user): all of them
+/// pass, or the request is `429` with `Retry-After` and nothing is stored.
+fn rate_limit(app: &AppState, key: Option<&ApiKey>, messages: &[Checked]) -> Result<(), ApiError> {
+    let name = key.map_or("(open)", |k| k.name.as_str());
+    let mut publishers = app
+        .publishers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let limits = publishers.entry(name.to_owned()).or_insert_with(|| {
+        app.broker
+            .limits()
+            .connection(Some(&format!("api-key:{name}")))
+    });
+    for message in messages {
+        if let Err(limited) = limits.check_publish(message.data.len()) {
+            let mut error = ApiError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "the publish rate limit ({}) of this API key is exceeded; retry after {} ms",
+                    limited.what, limited.retry_after_ms
+                ),
+            );
+            error.retry_after_ms = Some(limited.retry_after_ms);
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
 /// Hands every message to the writer in order, then waits for each.
 async fn store(
     app: &AppState,
@@ -304,8 +334,9 @@ pub async fn publish(
     let codec = body_codec(&headers)?;
     let bytes = read_body(body, config.server.max_frame).await?;
     let message: PublishBody = decode_body(codec, &bytes)?;
-    let checked = check(&config, key, message, "")?;
-    match store(&app, vec![checked]).await.pop().map(|(_, r)| r) {
+    let checked = vec![check(&config, key, message, "")?];
+    rate_limit(&app, key, &checked)?;
+    match store(&app, checked).await.pop().map(|(_, r)| r) {
         Some(Ok(stored)) => Ok(axum::Json(stored).into_response()),
         Some(Err(e)) => Err(ApiError::new(e.code(), e.to_string())),
         None => Err(ApiError::new(ErrorCode::Internal, "no result")),
@@ -348,6 +379,7 @@ pub async fn publish_batch(
         .enumerate()
         .map(|(i, message)| check(&config, key, message, &format!("messages[{i}]: ")))
         .collect::<Result<Vec<_>, _>>()?;
+    rate_limit(&app, key, &checked)?;
     let results = store(&app, checked).await;
     let first_error = results.iter().find_map(|(_, r)| r.as_ref().err()).cloned();
     let outcomes: Vec<Outcome> = results

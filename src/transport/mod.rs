@@ -34,6 +34,10 @@ pub struct AppState {
     pub connections: Arc<Semaphore>,
     /// SSE and poll sessions, which outlive single HTTP requests.
     pub sessions: Arc<sessions::Registry>,
+    /// The HTTP publish API's rate limits: one set per API key (one shared
+    /// set when no key is configured), created on first use.
+    pub publishers:
+        std::sync::Mutex<std::collections::HashMap<String, crate::limits::ConnectionLimits>>,
 }
 
 /// The credentials of an HTTP request: `Authorization: Bearer <token>`,
