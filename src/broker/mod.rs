@@ -27,6 +27,7 @@ use crate::config::{Config, FsyncPolicy, NamespacePolicy};
 use crate::delivery::retry::{RetryError, RetryJob, RetryQueue};
 use crate::delivery::{Consumer, ConsumerMode, ConsumerState, RetryPolicy, SubscriptionId};
 use crate::protocol::{AckMode, ChannelName, ErrorCode, Headers, StartFrom};
+use crate::session::access::INBOX;
 use crate::session::registry::Connections;
 use crate::storage::{ChannelRecord, DeadLetterRecord, HeadRecord, Store, StoreError};
 
@@ -443,6 +444,9 @@ impl Broker {
                     (Some(since), _) if since > last_seq => (last_seq, false),
                     (Some(since), _) => (since, since + 1 >= first_seq),
                     (None, Some(StartFrom::First)) => (first_seq - 1, true),
+                    // An inbox holds what was sent while its user was
+                    // away, even before the user's first subscribe.
+                    (None, None) if channel.name().namespace() == INBOX => (first_seq - 1, true),
                     (None, Some(StartFrom::New) | None) => (last_seq, true),
                 };
                 if state.subscriptions() == 0 || request.since.is_some() || request.from.is_some() {
