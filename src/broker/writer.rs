@@ -31,7 +31,7 @@ use crate::protocol::Headers;
 use crate::storage::{MessageRecord, Store};
 
 /// Most requests the writer takes in one batch.
-const MAX_BATCH: usize = 4096;
+const MAX_BATCH: usize = 64;
 
 /// Requests queued for the writer before publishers wait.
 pub(crate) const QUEUE_CAPACITY: usize = 8192;
