@@ -149,21 +149,26 @@ mod tests {
         }
     }
 
+    /// Each case: (action, channel, allowed).
+    fn check_all(access: &Access, config: &Config, cases: &[(Action, &str, bool)]) {
+        for (action, channel, allowed) in cases {
+            let result = access.check(config, *action, &name(channel));
+            assert_eq!(result.is_ok(), *allowed, "{action:?} {channel}: {result:?}");
+        }
+    }
+
     #[test]
     fn without_keys_everything_but_server_only_publishing_is_allowed() {
         let config = config();
         let open = Access::anonymous(false);
-        assert!(
-            open.check(&config, Action::Subscribe, &name("inbox:bob"))
-                .is_ok()
-        );
-        assert!(
-            open.check(&config, Action::Publish, &name("chat:x"))
-                .is_ok()
-        );
-        assert!(
-            open.check(&config, Action::Publish, &name("news:today"))
-                .is_err()
+        check_all(
+            &open,
+            &config,
+            &[
+                (Action::Subscribe, "inbox:bob", true),
+                (Action::Publish, "chat:x", true),
+                (Action::Publish, "news:today", false),
+            ],
         );
         assert!(anonymous_allowed(&config, false));
     }
@@ -172,9 +177,14 @@ mod tests {
     fn anonymous_connections_reach_only_anonymous_namespaces() {
         let config = config();
         let anon = Access::anonymous(true);
-        assert!(
-            anon.check(&config, Action::Subscribe, &name("public:lobby"))
-                .is_ok()
+        check_all(
+            &anon,
+            &config,
+            &[
+                (Action::Subscribe, "public:lobby", true),
+                (Action::Subscribe, "chat:x", false),
+                (Action::Subscribe, "inbox:x", false),
+            ],
         );
         let denied = anon
             .check(&config, Action::Subscribe, &name("chat:x"))
@@ -186,34 +196,21 @@ mod tests {
 
     #[test]
     fn inboxes_belong_to_their_user() {
-        let config = config();
-        let alice = alice(None);
-        assert!(
-            alice
-                .check(&config, Action::Subscribe, &name("inbox:alice"))
-                .is_ok()
-        );
-        assert!(
-            alice
-                .check(&config, Action::Subscribe, &name("inbox:bob"))
-                .is_err()
-        );
-        assert!(
-            alice
-                .check(&config, Action::Presence, &name("inbox:bob"))
-                .is_err()
-        );
-        assert!(
-            alice
-                .check(&config, Action::Publish, &name("inbox:bob"))
-                .is_ok(),
-            "send bob a message"
+        check_all(
+            &alice(None),
+            &config(),
+            &[
+                (Action::Subscribe, "inbox:alice", true),
+                (Action::Subscribe, "inbox:bob", false),
+                (Action::Presence, "inbox:bob", false),
+                // Sending bob a message is fine.
+                (Action::Publish, "inbox:bob", true),
+            ],
         );
     }
 
     #[test]
     fn capabilities_narrow_what_a_token_may_do() {
-        let config = config();
         let caps = Capabilities {
             publish: vec![Pattern::new("chat:*", None)],
             subscribe: vec![
@@ -221,26 +218,15 @@ mod tests {
                 Pattern::new("inbox:$sub", Some("alice")),
             ],
         };
-        let alice = alice(Some(caps));
-        assert!(
-            alice
-                .check(&config, Action::Publish, &name("chat:x"))
-                .is_ok()
-        );
-        assert!(
-            alice
-                .check(&config, Action::Publish, &name("public:x"))
-                .is_err()
-        );
-        assert!(
-            alice
-                .check(&config, Action::Subscribe, &name("inbox:alice"))
-                .is_ok()
-        );
-        assert!(
-            alice
-                .check(&config, Action::Subscribe, &name("public:x"))
-                .is_err()
+        check_all(
+            &alice(Some(caps)),
+            &config(),
+            &[
+                (Action::Publish, "chat:x", true),
+                (Action::Publish, "public:x", false),
+                (Action::Subscribe, "inbox:alice", true),
+                (Action::Subscribe, "public:x", false),
+            ],
         );
     }
 }
