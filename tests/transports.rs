@@ -816,3 +816,53 @@ async fn a_rate_limited_poll_publish_says_when_to_retry() {
     let again = http::post_json(addr, "/poll/publish", &publish).await;
     assert_eq!(again.status, 200, "after the wait: {}", again.json());
 }
+
+#[tokio::test]
+async fn an_sse_client_that_reads_nothing_is_cut_as_a_slow_consumer() {
+    let broker = TestBroker::start_with(|c| {
+        c.server.slow_consumer_timeout = std::time::Duration::from_secs(1);
+        // A short queue fills with fewer messages than the socket buffers hold.
+        c.server.outbound_buffer = 16;
+        c.limits = courier::limits::LimitsConfig::unlimited();
+    })
+    .await;
+    let addr = broker.addr;
+    let stalled = http::SseStream::open(addr, "/sse?channels=big:s", None)
+        .await
+        .expect("stream opens");
+    let admin = broker.admin();
+    let count = || async {
+        admin.get("/admin/connections").await["connections"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(count().await, 1);
+    use base64::Engine;
+    let payload = base64::engine::general_purpose::STANDARD.encode(vec![7u8; 64 * 1024]);
+    for _ in 0..300 {
+        let body = json!({"channel": "big:s", "data_b64": payload});
+        assert_eq!(
+            http::post_json(addr, "/api/publish", &body).await.status,
+            200
+        );
+    }
+    let mut left = 1;
+    for _ in 0..200 {
+        left = count().await;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, 0, "the stalled SSE session was ended");
+    let metrics = admin.get("/metrics").await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("courier_connections_closed_total{code=\"4009\"} 1"),
+        "counted as a 4009 close"
+    );
+    drop(stalled);
+}

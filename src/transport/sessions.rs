@@ -354,6 +354,8 @@ pub struct Opened {
     pub session: Arc<HttpSession>,
     pub out: mpsc::Receiver<Outgoing>,
     pub prelude: Vec<ServerFrame>,
+    /// The session's side of `out`, to see whether the queue is full.
+    pub out_probe: mpsc::WeakSender<Outgoing>,
 }
 
 /// Opens a session of `kind`, connects it and sends `subscribes`; waits for
@@ -409,6 +411,7 @@ pub async fn open(
         app.shutdown.clone(),
     );
     let task_session = Arc::clone(&session);
+    let out_probe = out_tx.downgrade();
     app.tracker.spawn(async move {
         let _permit = permit;
         Session::new(broker, info, out_tx)
@@ -486,6 +489,7 @@ pub async fn open(
         session,
         out: out_rx,
         prelude,
+        out_probe,
     })
 }
 

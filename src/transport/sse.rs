@@ -73,6 +73,13 @@ pub async fn stream(
     )
     .await?;
     let config = app.broker.config();
+    let yielded = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    app.tracker.spawn(watch_stall(
+        Arc::clone(&opened.session),
+        opened.out_probe.clone(),
+        Arc::clone(&yielded),
+        config.server.slow_consumer_timeout,
+    ));
     let state = StreamState {
         guard: opened.session.cancel.clone().drop_guard(),
         session: Arc::clone(&opened.session),
@@ -81,6 +88,7 @@ pub async fn stream(
         positions: last_event.unwrap_or_default(),
         deadline: Box::pin(tokio::time::sleep(config.http.sse_max_age)),
         done: false,
+        yielded,
     };
     let first = Event::default()
         .retry(config.http.sse_retry)
@@ -170,10 +178,54 @@ struct StreamState {
     positions: BTreeMap<String, u64>,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
     done: bool,
+    /// Events handed to the response body so far (the stall watchdog reads it).
+    yielded: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Ends an SSE session whose client reads nothing: its queue stays full
+/// and the response body takes no event for `timeout` (counted as a 4009
+/// close, like a stalled WebSocket).
+async fn watch_stall(
+    session: Arc<sessions::HttpSession>,
+    out: mpsc::WeakSender<Outgoing>,
+    yielded: Arc<std::sync::atomic::AtomicU64>,
+    timeout: std::time::Duration,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let period = (timeout / 4).max(std::time::Duration::from_millis(50));
+    let mut stalled_since: Option<(tokio::time::Instant, u64)> = None;
+    loop {
+        tokio::select! {
+            () = session.cancel.cancelled() => return,
+            () = tokio::time::sleep(period) => {}
+        }
+        let Some(sender) = out.upgrade() else { return };
+        let full = sender.capacity() == 0;
+        drop(sender);
+        let count = yielded.load(Relaxed);
+        stalled_since = match stalled_since {
+            Some((since, seen)) if full && seen == count => {
+                if since.elapsed() >= timeout {
+                    crate::metrics::CONNECTIONS_CLOSED
+                        .with_label_values(&[&crate::protocol::close::SLOW_CONSUMER.to_string()])
+                        .inc();
+                    tracing::info!(session = %session.id, "closing an SSE stream that read nothing for {timeout:?} (slow consumer, 4009)");
+                    session.cancel.cancel();
+                    return;
+                }
+                Some((since, seen))
+            }
+            _ if full => Some((tokio::time::Instant::now(), count)),
+            _ => None,
+        };
+    }
 }
 
 fn events(state: StreamState) -> impl Stream<Item = Result<Event, Infallible>> {
     stream::unfold(state, |mut state| async move {
+        state
+            .yielded
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         loop {
             if state.done {
                 return None;
