@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
+use common::http;
 use common::*;
 use courier::auth::{Audience, ChannelClaims, Claims, claims_for};
 use courier::config::{Config, NamespacePolicy, PublishRule};
@@ -1439,4 +1440,36 @@ async fn a_first_time_inbox_reader_gets_what_waited_before_its_first_subscribe()
     drop(phone);
     drop(laptop);
     acked_is_not_redelivered(&url, &mut alice, 1).await;
+}
+
+#[tokio::test]
+async fn sse_sessions_take_a_token_and_can_refresh_it() {
+    let broker = TestBroker::start_with(with_jwt).await;
+    let addr = broker.addr;
+    let refused = http::SseStream::open(addr, "/sse?channels=chat:s", None).await;
+    assert_eq!(
+        refused.err().map(|r| (r.status, r.code())),
+        Some((401, "unauthorized".into()))
+    );
+    let path = format!("/sse?channels=chat:s&token={}", token("alice"));
+    let mut stream = http::SseStream::open(addr, &path, None)
+        .await
+        .expect("opens");
+    let connected = stream.next_of("connected").await;
+    let connected: serde_json::Value = serde_json::from_str(&connected.data).unwrap();
+    assert_eq!(connected["user"], "alice");
+    let session = connected["session"].as_str().unwrap().to_owned();
+    let refresh = |token: String| serde_json::json!({"session": session, "type": "refresh", "id": 1, "token": token});
+    let ok = http::post_json(addr, "/sse/ack", &refresh(token("alice"))).await;
+    assert_eq!(ok.status, 204, "{}", String::from_utf8_lossy(&ok.body));
+    let foreign = http::post_json(addr, "/sse/ack", &refresh(token("bob"))).await;
+    assert_eq!(
+        (foreign.status, foreign.code().as_str()),
+        (403, "forbidden")
+    );
+    let garbage = http::post_json(addr, "/sse/ack", &refresh("x.y.z".into())).await;
+    assert_eq!(
+        (garbage.status, garbage.code().as_str()),
+        (401, "unauthorized")
+    );
 }

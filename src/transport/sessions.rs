@@ -185,6 +185,11 @@ impl HttpSession {
                 f.id = id;
                 false
             }
+            // Answered by `pong` (or an `error`) with this id.
+            ClientFrame::Refresh(f) => {
+                f.id = id;
+                false
+            }
             _ => return Err(RequestError::Gone("not a request this endpoint makes")),
         };
         let (tx, rx) = oneshot::channel();
@@ -529,9 +534,10 @@ pub fn decode_ack(bytes: &[u8]) -> Result<(SessionField, ClientFrame), ApiError>
         ClientFrame::Ack(_)
         | ClientFrame::Nack(_)
         | ClientFrame::Progress(_)
-        | ClientFrame::Term(_) => Ok((field, frame)),
+        | ClientFrame::Term(_)
+        | ClientFrame::Refresh(_) => Ok((field, frame)),
         other => Err(bad(format!(
-            "this endpoint takes `ack`, `nack`, `progress` or `term`, not `{}`",
+            "this endpoint takes `ack`, `nack`, `progress`, `term` or `refresh`, not `{}`",
             other.kind()
         ))),
     }
