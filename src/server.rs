@@ -19,6 +19,10 @@ use tokio_util::task::TaskTracker;
 use crate::admin::{self, AdminState, TokenSource, resolve_token};
 use crate::broker::{Broker, BrokerError, PERSIST_INTERVAL};
 
+/// A channel nobody ever published to is forgotten after this long
+/// without a request (see `Broker::evict_unused_channels`).
+const UNUSED_CHANNEL_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// How often channel publish rates are sampled.
 const STATS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 use crate::config::{Config, RetryBackend};
@@ -264,6 +268,9 @@ fn spawn_background(
                 }
                 if let Err(e) = broker.enforce_retention().await {
                     tracing::error!(error = %e, "retention sweep failed");
+                }
+                if let Err(e) = broker.evict_unused_channels(UNUSED_CHANNEL_IDLE).await {
+                    tracing::error!(error = %e, "sweeping unused channels failed");
                 }
             }
         })

@@ -894,3 +894,48 @@ async fn every_documented_route_answers_as_documented() {
     }
     drop(client);
 }
+
+#[tokio::test]
+async fn channels_nobody_published_to_are_forgotten_when_idle() {
+    let broker = TestBroker::start().await;
+    let mut client = Client::connect(&broker.url(), Codec::Json).await;
+    client.subscribe(named("ghost:1", "x")).await;
+    client.publish("real:1", b"1").await;
+    client.subscribe(sub("ghost:2")).await;
+    drop(client);
+    let mut watcher = Client::connect(&broker.url(), Codec::Json).await;
+    watcher.subscribe(sub("ghost:2")).await;
+    let names = |body: Value| -> Vec<String> {
+        body["channels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let admin = broker.admin();
+    let mut left = Vec::new();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        broker
+            .broker()
+            .evict_unused_channels(Duration::from_millis(1))
+            .await
+            .unwrap();
+        left = names(admin.get("/admin/channels").await);
+        if !left.contains(&"ghost:1".to_owned()) {
+            break;
+        }
+    }
+    assert_eq!(
+        left,
+        ["ghost:2", "real:1"],
+        "published-to and subscribed channels stay"
+    );
+    drop(watcher);
+    let broker = broker.restart().await;
+    assert!(
+        !names(broker.admin().get("/admin/channels").await).contains(&"ghost:1".to_owned()),
+        "forgotten in the store too"
+    );
+}

@@ -148,6 +148,8 @@ pub struct Channel {
     rate_head: AtomicU64,
     /// Its namespace's message counters.
     counters: crate::metrics::NamespaceCounters,
+    /// When a request last looked the channel up, ms since the Unix epoch.
+    last_used_ms: AtomicU64,
 }
 
 impl Channel {
@@ -174,7 +176,18 @@ impl Channel {
             rate: AtomicU64::new(0),
             rate_head,
             counters,
+            last_used_ms: AtomicU64::new(crate::broker::now_ms()),
         }
+    }
+
+    /// Records a lookup (see [`Channel::idle_since`]).
+    pub(crate) fn touch(&self, now_ms: u64) {
+        self.last_used_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// When a request last looked the channel up, ms since the Unix epoch.
+    pub fn idle_since(&self) -> u64 {
+        self.last_used_ms.load(Ordering::Relaxed)
     }
 
     /// Its namespace's message counters.

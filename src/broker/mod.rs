@@ -329,6 +329,7 @@ impl Broker {
     pub fn channel(&self, name: &ChannelName) -> Result<Arc<Channel>, BrokerError> {
         let mut channels = lock(&self.channels);
         if let Some(channel) = channels.get(name.as_str()) {
+            channel.touch(now_ms());
             return Ok(Arc::clone(channel));
         }
         let policy = self.config.policy(name.namespace()).clone();
@@ -796,6 +797,70 @@ impl Broker {
             .map_err(|_| BrokerError::Unavailable("the writer has stopped".into()))?;
         rx.await
             .map_err(|_| BrokerError::Unavailable("the writer has stopped".into()))
+    }
+
+    /// Forgets channels that were never published to, have no subscriber,
+    /// no consumer in memory and no dead letter, and that no request looked
+    /// up for `idle`: what subscribes to names nobody publishes on leave
+    /// behind (their stored consumers, all at seq 0, go with them).
+    pub async fn evict_unused_channels(
+        &self,
+        idle: std::time::Duration,
+    ) -> Result<usize, BrokerError> {
+        let cutoff = now_ms().saturating_sub(u64::try_from(idle.as_millis()).unwrap_or(u64::MAX));
+        let candidates: Vec<Arc<Channel>> = {
+            let channels = lock(&self.channels);
+            let consumers = lock(&self.consumers);
+            channels
+                .values()
+                .filter(|c| {
+                    c.head() == 0
+                        && c.lock().assigned == 0
+                        && c.subscribers() == 0
+                        && c.idle_since() < cutoff
+                        && c.dead_letters().load(Ordering::Relaxed) == 0
+                        && !consumers.keys().any(|(name, _)| name == c.name().as_str())
+                })
+                .cloned()
+                .collect()
+        };
+        let mut evicted = 0;
+        for channel in candidates {
+            // Checked again under the registry lock: a request may have
+            // come in since.
+            let removed = {
+                let mut channels = lock(&self.channels);
+                let still_idle = channels.get(channel.name().as_str()).is_some_and(|c| {
+                    Arc::ptr_eq(c, &channel) && c.idle_since() < cutoff && c.subscribers() == 0
+                });
+                if still_idle {
+                    channels.remove(channel.name().as_str());
+                    channel.mark_deleted();
+                }
+                still_idle
+            };
+            if !removed {
+                continue;
+            }
+            evicted += 1;
+            if channel.is_durable() {
+                let (reply, rx) = tokio::sync::oneshot::channel();
+                self.writer
+                    .send(writer::WriterRequest::Delete {
+                        name: channel.name().as_str().to_owned(),
+                        id: channel.id(),
+                        reply,
+                    })
+                    .await
+                    .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))?;
+                rx.await
+                    .map_err(|_| BrokerError::Unavailable("the writer has stopped".into()))??;
+            }
+        }
+        if evicted > 0 {
+            tracing::debug!(evicted, "forgot channels nobody published to");
+        }
+        Ok(evicted)
     }
 
     /// Removes what retention (`max_msgs`, `max_bytes`, `max_age`) no longer keeps.
