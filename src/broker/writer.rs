@@ -28,7 +28,7 @@ use super::{BrokerError, PublishOutcome, now_ms};
 use crate::config::FsyncPolicy;
 use crate::metrics;
 use crate::protocol::Headers;
-use crate::storage::{MessageRecord, Store};
+use crate::storage::{HeadRecord, MessageRecord, Store};
 
 /// Most requests the writer takes in one batch.
 const MAX_BATCH: usize = 64;
@@ -174,7 +174,7 @@ fn write_heads(store: &Store, done: &[Done]) {
 pub(crate) fn publish_ephemeral(request: AppendRequest) {
     let channel = Arc::clone(&request.channel);
     let mut state = channel.lock();
-    match assign(None, &mut state, request) {
+    match assign(&mut state, request) {
         Some(Done::New { message, reply, .. }) => {
             let seq = message.seq;
             channel.counters().published.inc();
@@ -194,17 +194,11 @@ pub(crate) fn publish_ephemeral(request: AppendRequest) {
     }
 }
 
-/// Assigns a seq and appends to the store.
+/// Assigns a seq and appends to the store. The channel lock is not held
+/// during the append: sled can stall an insert for milliseconds, and the
+/// flusher's commits and the pumps' reads of earlier messages must not wait
+/// for it. Only this thread assigns seqs, so `seq` stays free meanwhile.
 fn append_one(store: &Store, request: AppendRequest) -> Option<Done> {
-    let channel = Arc::clone(&request.channel);
-    let mut state = channel.lock();
-    assign(Some(store), &mut state, request)
-}
-
-/// Under the channel lock: the `msg_id` dedup check, the next seq, the
-/// append (when a store is given) and the channel's counters. `None` when
-/// the reply was already sent (the append failed).
-fn assign(store: Option<&Store>, state: &mut ChannelState, request: AppendRequest) -> Option<Done> {
     let AppendRequest {
         channel,
         data,
@@ -213,48 +207,115 @@ fn assign(store: Option<&Store>, state: &mut ChannelState, request: AppendReques
         reply,
         received,
     } = request;
-    if state.deleted {
-        let _ = reply.send(Err(BrokerError::Unavailable(format!(
-            "channel {} was deleted by an operator while this publish waited; publish again",
-            channel.name()
-        ))));
-        return None;
-    }
     let ts = now_ms();
-    if let Some(id) = &msg_id
-        && let Some(seq) = state.dedup.get(id, ts)
-    {
-        return Some(Done::Duplicate { seq, reply });
-    }
-    let seq = state.assigned + 1;
+    let (seq, head) = {
+        let mut state = channel.lock();
+        if let Some(early) = refuse_or_dedup(&channel, &mut state, msg_id.as_deref(), ts) {
+            return early.answer(reply);
+        }
+        (state.assigned + 1, state.head_record)
+    };
     let message = Arc::new(Message {
         seq,
         ts,
         headers,
         data,
     });
-    if let Some(store) = store {
-        let record = MessageRecord {
-            ts,
-            msg_id: msg_id.clone(),
-            headers: message.headers.clone(),
-            data: message.data.to_vec(),
-        };
-        let mut head = state.head_record;
-        head.last_seq = seq;
-        head.appended_bytes += record.size();
-        if let Err(e) = store.append(channel.id(), seq, &record) {
-            tracing::error!(channel = %channel.name(), error = %e, "append failed");
-            let _ = reply.send(Err(BrokerError::Unavailable(format!("storage: {e}"))));
-            return None;
-        }
-        state.head_record = head;
+    let record = MessageRecord {
+        ts,
+        msg_id: msg_id.clone(),
+        headers: message.headers.clone(),
+        data: message.data.to_vec(),
+    };
+    if let Err(e) = store.append(channel.id(), seq, &record) {
+        tracing::error!(channel = %channel.name(), error = %e, "append failed");
+        let _ = reply.send(Err(BrokerError::Unavailable(format!("storage: {e}"))));
+        return None;
     }
-    state.assigned = seq;
+    {
+        let mut state = channel.lock();
+        state.head_record = HeadRecord {
+            last_seq: seq,
+            appended_bytes: head.appended_bytes + record.size(),
+        };
+        counted(&mut state, &message, msg_id, ts);
+    }
+    Some(Done::New {
+        channel,
+        message,
+        reply,
+        received,
+    })
+}
+
+/// Why a publish ends before it gets a seq.
+enum Early {
+    Deleted(String),
+    Duplicate(u64),
+}
+
+impl Early {
+    /// Answers the publisher (a refusal) or hands on a duplicate's seq.
+    fn answer(self, reply: oneshot::Sender<Result<PublishOutcome, BrokerError>>) -> Option<Done> {
+        match self {
+            Self::Deleted(message) => {
+                let _ = reply.send(Err(BrokerError::Unavailable(message)));
+                None
+            }
+            Self::Duplicate(seq) => Some(Done::Duplicate { seq, reply }),
+        }
+    }
+}
+
+/// A deleted channel refuses; a `msg_id` seen within the window is a duplicate.
+fn refuse_or_dedup(
+    channel: &Channel,
+    state: &mut ChannelState,
+    msg_id: Option<&str>,
+    ts: u64,
+) -> Option<Early> {
+    if state.deleted {
+        return Some(Early::Deleted(format!(
+            "channel {} was deleted by an operator while this publish waited; publish again",
+            channel.name()
+        )));
+    }
+    msg_id
+        .and_then(|id| state.dedup.get(id, ts))
+        .map(Early::Duplicate)
+}
+
+/// The channel's counters after `message` got its seq.
+fn counted(state: &mut ChannelState, message: &Message, msg_id: Option<String>, ts: u64) {
+    state.assigned = message.seq;
     state.bytes += u64::try_from(message.size()).unwrap_or(u64::MAX);
     if let Some(id) = msg_id {
-        state.dedup.insert(id, seq, ts);
+        state.dedup.insert(id, message.seq, ts);
     }
+}
+
+/// Under the channel lock, for an ephemeral channel: the `msg_id` dedup
+/// check, the next seq and the channel's counters.
+fn assign(state: &mut ChannelState, request: AppendRequest) -> Option<Done> {
+    let AppendRequest {
+        channel,
+        data,
+        headers,
+        msg_id,
+        reply,
+        received,
+    } = request;
+    let ts = now_ms();
+    if let Some(early) = refuse_or_dedup(&channel, state, msg_id.as_deref(), ts) {
+        return early.answer(reply);
+    }
+    let message = Arc::new(Message {
+        seq: state.assigned + 1,
+        ts,
+        headers,
+        data,
+    });
+    counted(state, &message, msg_id, ts);
     Some(Done::New {
         channel,
         message,
