@@ -93,23 +93,23 @@ struct Active {
 /// The protocol state of one connection.
 pub struct Session {
     broker: Arc<Broker>,
-    info: ConnectionInfo,
+    /// The transport's token (`Authorization`, `?token=`), until the handshake.
+    credentials: Option<String>,
     out: mpsc::Sender<Outgoing>,
-    /// Kicks and ended subscriptions, from operators and the broker.
-    control: mpsc::UnboundedReceiver<Control>,
     /// This connection in the broker's registry (removed when dropped).
     registration: Registration,
-    /// Who the connection is and what it may do.
-    access: Access,
+    /// Who the connection is and what it may do (boxed: every idle
+    /// connection carries the session).
+    access: Box<Access>,
     /// Its place under the per-user and per-IP connection caps.
     admission: Option<crate::limits::Admission>,
-    /// Its rate limits.
-    rates: Option<crate::limits::ConnectionLimits>,
+    /// Its rate limits, made at the first publish or subscribe (an idle
+    /// connection does not carry them: they are ~0.5 KiB).
+    rates: Option<Box<crate::limits::ConnectionLimits>>,
     /// When to act on the token's expiry: warn (`false`) or close (`true`).
     auth_deadline: Option<(tokio::time::Instant, bool)>,
     /// A refusal made the limiter call the connection abusive.
     abusive: bool,
-    user: Option<String>,
     /// The client opted in to `msgs` batches.
     batch: bool,
     subscriptions: HashMap<String, Active>,
@@ -131,31 +131,33 @@ fn broker_error(id: Option<u64>, e: &BrokerError) -> ServerFrame {
 impl Session {
     /// A session that sends through `out`.
     pub fn new(broker: Arc<Broker>, info: ConnectionInfo, out: mpsc::Sender<Outgoing>) -> Self {
-        let (control_tx, control) = mpsc::unbounded_channel();
         let registration = broker.connections().register(
             info.conn_id.clone(),
             info.remote,
             info.transport,
             now_ms(),
-            control_tx,
         );
         Self {
             broker,
-            info,
+            credentials: info.credentials,
             out,
-            control,
             registration,
-            access: Access::default(),
+            access: Box::default(),
             admission: None,
             rates: None,
             auth_deadline: None,
             abusive: false,
-            user: None,
             batch: false,
             subscriptions: HashMap::new(),
             pending: FuturesOrdered::new(),
             bad_in_a_row: 0,
         }
+    }
+
+    /// This connection in the registry (transports signal it through
+    /// [`ConnectionHandle::send`](registry::ConnectionHandle::send)).
+    pub fn connection(&self) -> &Arc<registry::ConnectionHandle> {
+        self.registration.handle()
     }
 
     async fn send(&self, frame: ServerFrame) -> Result<(), Closed> {
@@ -194,8 +196,8 @@ impl Session {
         // Events at info and above name the connection themselves.
         let span = tracing::debug_span!(
             "connection",
-            conn_id = %self.info.conn_id,
-            transport = self.info.transport,
+            conn_id = %self.registration.handle().id,
+            transport = self.registration.handle().transport,
             user = tracing::field::Empty
         );
         async move {
@@ -267,15 +269,15 @@ impl Session {
             return Err(Closed);
         }
         let handle = self.registration.handle();
-        handle.set_user(self.user.clone(), connect.client.clone());
-        if let Some(user) = &self.user {
+        handle.set_user(self.access.user.clone(), connect.client.clone());
+        if let Some(user) = &self.access.user {
             tracing::Span::current().record("user", user.as_str());
         }
         self.batch = connect.batch.unwrap_or(false);
         let server = &self.broker.config().server;
         let connected = Connected {
-            conn_id: self.info.conn_id.clone(),
-            user: self.user.clone(),
+            conn_id: self.registration.handle().id.clone(),
+            user: self.access.user.clone(),
             heartbeat_ms: u64::try_from(server.heartbeat.as_millis()).unwrap_or(u64::MAX),
             limits: Limits {
                 max_frame: server.max_frame,
@@ -295,8 +297,8 @@ impl Session {
     /// and reason.
     fn authenticate(&mut self, token: Option<String>) -> Result<(), (u16, String)> {
         let auth = self.broker.auth();
-        let token = token.or_else(|| self.info.credentials.take());
-        self.access = if auth.enabled() {
+        let token = token.or_else(|| self.credentials.take());
+        *self.access = if auth.enabled() {
             match token {
                 Some(token) => match auth.verify(&token) {
                     Ok(identity) => Access::authenticated(identity),
@@ -316,17 +318,22 @@ impl Session {
         } else {
             Access::anonymous(false)
         };
-        self.user = self.access.user.clone();
         let limits = self.broker.limits();
-        let ip = self.info.remote.map(|a| a.ip());
+        let ip = self.registration.handle().remote.map(|a| a.ip());
         self.admission = Some(
             limits
-                .admit(self.user.as_deref(), ip)
+                .admit(self.access.user.as_deref(), ip)
                 .map_err(|refused| (close::POLICY, refused.to_string()))?,
         );
-        self.rates = Some(limits.connection(self.user.as_deref()));
         self.schedule_expiry();
         Ok(())
+    }
+
+    /// The connection's rate limits, made on first use.
+    fn rates(&mut self) -> &mut crate::limits::ConnectionLimits {
+        let (broker, user) = (&self.broker, self.access.user.as_deref());
+        self.rates
+            .get_or_insert_with(|| Box::new(broker.limits().connection(user)))
     }
 
     /// Arms the timer of the token's expiry: first a warning
@@ -392,7 +399,7 @@ impl Session {
                 "a refresh must carry a token of the connection's own user (sub)",
             ),
             Ok(identity) => {
-                self.access = Access::authenticated(identity);
+                *self.access = Access::authenticated(identity);
                 self.schedule_expiry();
                 ServerFrame::Pong(IdOnly { id: refresh.id })
             }
@@ -468,6 +475,7 @@ impl Session {
             .unwrap_or(usize::MAX);
         loop {
             let deadline = self.auth_deadline;
+            let handle = Arc::clone(self.registration.handle());
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
@@ -478,15 +486,12 @@ impl Session {
                 Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
                     self.send(reply).await?;
                 }
-                Some(control) = self.control.recv() => {
+                control = handle.next_control() => {
                     Box::pin(self.on_control(control)).await?;
                 }
                 last = until(deadline) => {
                     Box::pin(self.on_auth_deadline(last)).await?;
                 }
-                // The transport stopped taking frames (e.g. it cut a slow
-                // consumer): nothing more can reach the client.
-                () = self.out.closed() => return Err(Closed),
                 event = incoming.next(), if self.pending.len() < max_pending => {
                     let Some(event) = event else {
                         return Ok(());
@@ -503,12 +508,13 @@ impl Session {
     async fn on_control(&mut self, control: Control) -> Result<(), Closed> {
         match control {
             Control::Kick { code, reason } => {
-                tracing::info!(conn_id = %self.info.conn_id, code, "kicked by an operator");
+                tracing::info!(conn_id = %self.registration.handle().id, code, "kicked by an operator");
                 self.drain_pending().await?;
                 self.close(code, &reason).await;
                 Err(Closed)
             }
             Control::Send(frame) => self.send(*frame).await,
+            Control::TransportGone => Err(Closed),
             Control::EndSubscription { channel } => {
                 let Some(active) = self.subscriptions.remove(&channel) else {
                     return Ok(());
@@ -603,10 +609,8 @@ impl Session {
         if let Some(denied) = self.permit(Some(id), Action::Publish, &name) {
             return Some(denied);
         }
-        if let Some(rates) = &mut self.rates
-            && let Err(limited) = rates.check_publish(data.len())
-        {
-            self.abusive = rates.abusive();
+        if let Err(limited) = self.rates().check_publish(data.len()) {
+            self.abusive = self.rates().abusive();
             return Some(ServerFrame::Error(limited.error_frame(Some(id))));
         }
         let channel = match self.broker.channel(&name) {
@@ -667,17 +671,16 @@ impl Session {
         if let Some(denied) = self.permit(Some(id), Action::Subscribe, &name) {
             return Ok(Some(denied));
         }
-        if let Some(rates) = &mut self.rates
-            && let Err(denied) = rates.check_subscribe(self.subscriptions.len())
-        {
-            self.abusive = rates.abusive();
+        let subscriptions = self.subscriptions.len();
+        if let Err(denied) = self.rates().check_subscribe(subscriptions) {
+            self.abusive = self.rates().abusive();
             return Ok(Some(ServerFrame::Error(denied.error_frame(Some(id)))));
         }
         let request = SubscribeRequest {
             channel: name.clone(),
             consumer: subscribe.consumer,
             group: subscribe.group,
-            user: self.user.clone(),
+            user: self.access.user.clone(),
             since: subscribe.since,
             from: subscribe.from,
             max_in_flight: subscribe.max_in_flight,
@@ -931,11 +934,13 @@ pub fn check_publish(
     Ok((name, data))
 }
 
-/// Resolves at `deadline` with its flag; never without one.
+/// Resolves at `deadline` with its flag; never without one. The timer is
+/// boxed: most connections have no deadline, and this future is part of
+/// every idle connection's state.
 async fn until(deadline: Option<(tokio::time::Instant, bool)>) -> bool {
     match deadline {
         Some((at, last)) => {
-            tokio::time::sleep_until(at).await;
+            Box::pin(tokio::time::sleep_until(at)).await;
             last
         }
         None => std::future::pending().await,

@@ -12,8 +12,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::mpsc;
-
 use crate::metrics;
 use crate::protocol::{PresenceEvent, PresenceMember, ServerFrame};
 
@@ -26,6 +24,9 @@ pub enum Control {
     EndSubscription { channel: String },
     /// Send this frame (a presence event).
     Send(Box<ServerFrame>),
+    /// The transport can deliver nothing more (it cut a slow consumer, or
+    /// its socket failed): end the session.
+    TransportGone,
 }
 
 /// One open connection as the registry shows it.
@@ -47,7 +48,13 @@ pub struct ConnectionHandle {
     client: Mutex<Option<String>>,
     /// Subscribed channels, with the time each subscription started.
     subscriptions: Mutex<BTreeMap<String, u64>>,
-    control: mpsc::UnboundedSender<Control>,
+    /// Requests for the session, and the wake-up it waits on. (A plain
+    /// queue: a tokio channel would allocate a block of 32 slots up front
+    /// for every idle connection.)
+    control: Mutex<std::collections::VecDeque<Control>>,
+    wake: tokio::sync::Notify,
+    /// The session has ended: nothing reads `control` any more.
+    ended: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -77,7 +84,23 @@ impl ConnectionHandle {
 
     /// Asks the session to act; false when it has already ended.
     pub fn send(&self, control: Control) -> bool {
-        self.control.send(control).is_ok()
+        if self.ended.load(Ordering::Acquire) {
+            return false;
+        }
+        lock(&self.control).push_back(control);
+        self.wake.notify_one();
+        true
+    }
+
+    /// The next request for the session; waits for one.
+    pub(crate) async fn next_control(&self) -> Control {
+        loop {
+            let notified = self.wake.notified();
+            if let Some(control) = lock(&self.control).pop_front() {
+                return control;
+            }
+            notified.await;
+        }
     }
 
     pub(crate) fn delivered(&self, messages: usize) {
@@ -179,6 +202,8 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        self.handle.ended.store(true, Ordering::Release);
+        lock(&self.handle.control).clear();
         let channels: Vec<String> = lock(&self.handle.subscriptions).keys().cloned().collect();
         {
             let mut by_channel = lock(&self.registry.by_channel);
@@ -204,7 +229,6 @@ impl Connections {
         remote: Option<SocketAddr>,
         transport: &'static str,
         connected_ms: u64,
-        control: mpsc::UnboundedSender<Control>,
     ) -> Registration {
         let order = self.next_order.fetch_add(1, Ordering::Relaxed) + 1;
         let handle = Arc::new(ConnectionHandle {
@@ -218,7 +242,9 @@ impl Connections {
             user: Mutex::new(None),
             client: Mutex::new(None),
             subscriptions: Mutex::new(BTreeMap::new()),
-            control,
+            control: Mutex::new(std::collections::VecDeque::new()),
+            wake: tokio::sync::Notify::new(),
+            ended: std::sync::atomic::AtomicBool::new(false),
         });
         lock(&self.by_order).insert(order, Arc::clone(&handle));
         metrics::CONNECTIONS.inc();
@@ -296,9 +322,8 @@ mod tests {
     #[test]
     fn registration_lists_pages_and_removes_on_drop() {
         let registry = Arc::new(Connections::default());
-        let (tx, mut rx) = mpsc::unbounded_channel();
         let guards: Vec<_> = (0..5)
-            .map(|i| registry.register(format!("c{i}"), None, "ws", 0, tx.clone()))
+            .map(|i| registry.register(format!("c{i}"), None, "ws", 0))
             .collect();
         assert_eq!(registry.len(), 5);
         let first = registry.page(0, 2);
@@ -315,10 +340,18 @@ mod tests {
             reason: "x".into()
         }));
         assert!(matches!(
-            rx.try_recv(),
-            Ok(Control::Kick { code: 4008, .. })
+            lock(&guards[3].handle().control).pop_front(),
+            Some(Control::Kick { code: 4008, .. })
         ));
+        let ended = Arc::clone(guards[3].handle());
         drop(guards);
+        assert!(
+            !ended.send(Control::Kick {
+                code: 4008,
+                reason: "x".into()
+            }),
+            "an ended session takes no more requests"
+        );
         assert!(registry.is_empty());
         assert!(registry.get("c3").is_none());
     }

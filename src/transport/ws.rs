@@ -29,6 +29,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::{AppState, json_error};
 use crate::protocol::{Codec, ErrorCode, close, decode_client, encode_server};
+use crate::session::registry::Control;
 use crate::session::{ConnectionInfo, Inbound, Outgoing, Session};
 
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -173,24 +174,23 @@ async fn serve_socket(
     let server = &app.broker.config().server;
     let (sink, stream) = socket.split();
     let (out_tx, out_rx) = mpsc::channel(server.outbound_buffer);
-    let writer = tokio::spawn(write_loop(
-        sink,
-        out_rx,
-        codec,
-        server.heartbeat,
-        server.slow_consumer_timeout,
-    ));
     let info = ConnectionInfo {
         conn_id: format!("c{}", app.broker.next_id()),
         remote: Some(remote),
         transport: "ws",
         credentials,
     };
+    let session = Session::new(Arc::clone(&app.broker), info, out_tx);
+    let connection = Arc::clone(session.connection());
+    let (heartbeat, stall) = (server.heartbeat, server.slow_consumer_timeout);
+    let writer = tokio::spawn(async move {
+        write_loop(sink, out_rx, codec, heartbeat, stall).await;
+        // Nothing reaches the client any more: the session ends too.
+        connection.send(Control::TransportGone);
+    });
     // Fused: the closing handshake below may poll it after it ended.
     let mut inbound = Box::pin(inbound(stream, codec, server.max_frame, server.heartbeat).fuse());
-    Session::new(Arc::clone(&app.broker), info, out_tx)
-        .run(&mut inbound, app.shutdown.clone())
-        .await;
+    session.run(&mut inbound, app.shutdown.clone()).await;
     let _ = writer.await;
     // Closing handshake: let the peer read our close and answer it before
     // the socket goes (dropping it at once could reset the connection and
