@@ -204,7 +204,7 @@ impl Session {
             // Rare, heavy steps are boxed: an idle connection's future stays
             // small (its size is the largest step's).
             if Box::pin(self.handshake(incoming, &shutdown)).await.is_ok() {
-                let _ = self.serve(incoming, &shutdown).await;
+                let _ = Box::pin(self.serve(incoming, &shutdown)).await;
             }
             Box::pin(self.teardown()).await;
         }

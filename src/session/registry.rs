@@ -43,18 +43,25 @@ pub struct ConnectionHandle {
     pub msgs_in: AtomicU64,
     /// Messages delivered to the client.
     pub msgs_out: AtomicU64,
-    user: Mutex<Option<String>>,
-    /// `connect.client`, for presence.
-    client: Mutex<Option<String>>,
-    /// Subscribed channels, with the time each subscription started.
-    subscriptions: Mutex<BTreeMap<String, u64>>,
-    /// Requests for the session, and the wake-up it waits on. (A plain
-    /// queue: a tokio channel would allocate a block of 32 slots up front
-    /// for every idle connection.)
-    control: Mutex<std::collections::VecDeque<Control>>,
+    /// The parts that change, behind one lock.
+    state: Mutex<HandleState>,
+    /// Wakes the session when a request is queued in `state.control`.
     wake: tokio::sync::Notify,
     /// The session has ended: nothing reads `control` any more.
     ended: std::sync::atomic::AtomicBool,
+}
+
+/// What a connection's handle holds behind its lock.
+#[derive(Debug, Default)]
+struct HandleState {
+    user: Option<String>,
+    /// `connect.client`, for presence.
+    client: Option<String>,
+    /// Subscribed channels, with the time each subscription started.
+    subscriptions: BTreeMap<String, u64>,
+    /// Requests for the session. (A plain queue: a tokio channel would
+    /// allocate a block of 32 slots up front for every idle connection.)
+    control: std::collections::VecDeque<Control>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -64,22 +71,23 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl ConnectionHandle {
     /// The authenticated user, if any.
     pub fn user(&self) -> Option<String> {
-        lock(&self.user).clone()
+        lock(&self.state).user.clone()
     }
 
     pub(crate) fn set_user(&self, user: Option<String>, client: Option<String>) {
-        *lock(&self.user) = user;
-        *lock(&self.client) = client;
+        let mut state = lock(&self.state);
+        state.user = user;
+        state.client = client;
     }
 
     /// Subscribed channel names, sorted.
     pub fn subscriptions(&self) -> Vec<String> {
-        lock(&self.subscriptions).keys().cloned().collect()
+        lock(&self.state).subscriptions.keys().cloned().collect()
     }
 
     /// When the subscription to `channel` started, if there is one.
     pub fn subscribed_since(&self, channel: &str) -> Option<u64> {
-        lock(&self.subscriptions).get(channel).copied()
+        lock(&self.state).subscriptions.get(channel).copied()
     }
 
     /// Asks the session to act; false when it has already ended.
@@ -87,7 +95,7 @@ impl ConnectionHandle {
         if self.ended.load(Ordering::Acquire) {
             return false;
         }
-        lock(&self.control).push_back(control);
+        lock(&self.state).control.push_back(control);
         self.wake.notify_one();
         true
     }
@@ -96,7 +104,7 @@ impl ConnectionHandle {
     pub(crate) async fn next_control(&self) -> Control {
         loop {
             let notified = self.wake.notified();
-            if let Some(control) = lock(&self.control).pop_front() {
+            if let Some(control) = lock(&self.state).control.pop_front() {
                 return control;
             }
             notified.await;
@@ -133,7 +141,9 @@ impl Registration {
     /// Records a subscription. True when its user (if any) was not
     /// subscribed to `channel` on another connection: the user joined.
     pub fn subscribed(&self, channel: &str, since_ms: u64) -> bool {
-        lock(&self.handle.subscriptions).insert(channel.to_owned(), since_ms);
+        lock(&self.handle.state)
+            .subscriptions
+            .insert(channel.to_owned(), since_ms);
         let mut by_channel = lock(&self.registry.by_channel);
         let members = by_channel.entry(channel.to_owned()).or_default();
         members.insert(self.handle.order);
@@ -145,7 +155,11 @@ impl Registration {
     /// Forgets a subscription. True when its user (if any) has no other
     /// connection subscribed to `channel`: the user left.
     pub fn unsubscribed(&self, channel: &str) -> bool {
-        if lock(&self.handle.subscriptions).remove(channel).is_none() {
+        if lock(&self.handle.state)
+            .subscriptions
+            .remove(channel)
+            .is_none()
+        {
             return false;
         }
         let members: Vec<u64> = {
@@ -203,8 +217,11 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.handle.ended.store(true, Ordering::Release);
-        lock(&self.handle.control).clear();
-        let channels: Vec<String> = lock(&self.handle.subscriptions).keys().cloned().collect();
+        let channels: Vec<String> = {
+            let mut state = lock(&self.handle.state);
+            state.control.clear();
+            state.subscriptions.keys().cloned().collect()
+        };
         {
             let mut by_channel = lock(&self.registry.by_channel);
             for channel in channels {
@@ -239,10 +256,7 @@ impl Connections {
             connected_ms,
             msgs_in: AtomicU64::new(0),
             msgs_out: AtomicU64::new(0),
-            user: Mutex::new(None),
-            client: Mutex::new(None),
-            subscriptions: Mutex::new(BTreeMap::new()),
-            control: Mutex::new(std::collections::VecDeque::new()),
+            state: Mutex::default(),
             wake: tokio::sync::Notify::new(),
             ended: std::sync::atomic::AtomicBool::new(false),
         });
@@ -308,7 +322,7 @@ impl Connections {
                 });
             member.connections += 1;
             if member.client.is_none() {
-                member.client = lock(&handle.client).clone();
+                member.client = lock(&handle.state).client.clone();
             }
         }
         members.into_values().collect()
@@ -340,7 +354,7 @@ mod tests {
             reason: "x".into()
         }));
         assert!(matches!(
-            lock(&guards[3].handle().control).pop_front(),
+            lock(&guards[3].handle().state).control.pop_front(),
             Some(Control::Kick { code: 4008, .. })
         ));
         let ended = Arc::clone(guards[3].handle());

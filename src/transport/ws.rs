@@ -29,7 +29,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::{AppState, json_error};
 use crate::protocol::{Codec, ErrorCode, close, decode_client, encode_server};
-use crate::session::registry::Control;
+use crate::session::registry::{ConnectionHandle, Control};
 use crate::session::{ConnectionInfo, Inbound, Outgoing, Session};
 
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -183,11 +183,9 @@ async fn serve_socket(
     let session = Session::new(Arc::clone(&app.broker), info, out_tx);
     let connection = Arc::clone(session.connection());
     let (heartbeat, stall) = (server.heartbeat, server.slow_consumer_timeout);
-    let writer = tokio::spawn(async move {
-        write_loop(sink, out_rx, codec, heartbeat, stall).await;
-        // Nothing reaches the client any more: the session ends too.
-        connection.send(Control::TransportGone);
-    });
+    let writer = tokio::spawn(write_loop(
+        sink, out_rx, codec, heartbeat, stall, connection,
+    ));
     // Fused: the closing handshake below may poll it after it ended.
     let mut inbound = Box::pin(inbound(stream, codec, server.max_frame, server.heartbeat).fuse());
     session.run(&mut inbound, app.shutdown.clone()).await;
@@ -282,13 +280,17 @@ async fn timed(
 
 /// Encodes and writes the session's frames, many per flush; pings every
 /// heartbeat. Ends on a close, when the session is gone, on a write error,
-/// or when the peer reads nothing for `stall` (then it is cut with 4009).
+/// or when the peer reads nothing for `stall` (then it is cut with 4009);
+/// then tells the session (`connection`) that nothing reaches the client
+/// any more. (A parameter, not a wrapping task: a wrapper would keep a
+/// second copy of the arguments in every connection's writer task.)
 async fn write_loop(
     mut sink: SplitSink<Socket, Message>,
     frames: mpsc::Receiver<Outgoing>,
     codec: Codec,
     heartbeat: Duration,
     stall: Duration,
+    connection: Arc<ConnectionHandle>,
 ) {
     if let Err(Stop::Stalled) = write_frames(&mut sink, frames, codec, heartbeat, stall).await {
         crate::metrics::CONNECTIONS_CLOSED
@@ -308,6 +310,7 @@ async fn write_loop(
         )
         .await;
     }
+    connection.send(Control::TransportGone);
 }
 
 async fn write_frames(
