@@ -584,6 +584,23 @@ impl Store {
 mod tests {
     use super::*;
 
+    /// Opens the store, waiting briefly when the last handle's background
+    /// threads still hold sled's lock file (they let go a moment after the
+    /// `Store` is dropped; under load that moment can be long).
+    fn open(dir: &Path) -> Store {
+        let mut tries = 0;
+        loop {
+            match Store::open(dir, 8 << 20) {
+                Ok(store) => return store,
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("store does not open: {e}"),
+            }
+        }
+    }
+
     fn record(ts: u64, msg_id: Option<&str>, data: &[u8]) -> MessageRecord {
         MessageRecord {
             ts,
@@ -597,7 +614,7 @@ mod tests {
     fn log_survives_reopen_with_head_and_range() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path(), 8 << 20).unwrap();
+            let store = open(dir.path());
             let ch = ChannelRecord {
                 id: 7,
                 epoch: "e1".into(),
@@ -614,7 +631,7 @@ mod tests {
             }
             store.flush_durable().unwrap();
         }
-        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let store = open(dir.path());
         let channels = store.load_channels().unwrap();
         assert_eq!(channels.len(), 1);
         assert_eq!(
@@ -636,7 +653,7 @@ mod tests {
     #[test]
     fn trim_removes_a_prefix_and_counts_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let store = open(dir.path());
         store
             .put_channel(
                 "c",
@@ -669,7 +686,7 @@ mod tests {
     #[test]
     fn recent_msg_ids_stop_at_the_window() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let store = open(dir.path());
         for seq in 1..=5u64 {
             let id = format!("m{seq}");
             let head = HeadRecord {
@@ -691,7 +708,7 @@ mod tests {
     #[test]
     fn dead_letters_list_in_pages_and_remove() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let store = open(dir.path());
         for (seq, consumer) in [(3, "c/a"), (1, "c/b"), (1, "c/a"), (9, "c/a")] {
             let record = DeadLetterRecord {
                 seq,
@@ -742,7 +759,7 @@ mod tests {
     #[test]
     fn retry_jobs_come_out_when_due_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let store = open(dir.path());
         store.retry_put(200, 1, b"b").unwrap();
         store.retry_put(100, 2, b"a").unwrap();
         store.retry_put(300, 3, b"c").unwrap();
@@ -758,7 +775,7 @@ mod tests {
     #[test]
     fn consumers_round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 8 << 20).unwrap();
+        let store = open(dir.path());
         let rec = ConsumerRecord {
             floor: 4,
             acked: vec![6, 9],
