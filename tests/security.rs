@@ -390,7 +390,7 @@ async fn a_good_token_connects_from_the_frame_the_header_or_the_query() {
     by_query.sync().await;
 }
 
-fn es256_key(name: &str) -> std::path::PathBuf {
+fn test_key(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data")
         .join(name)
@@ -398,10 +398,10 @@ fn es256_key(name: &str) -> std::path::PathBuf {
 
 #[tokio::test]
 async fn es256_tokens_are_checked_with_the_public_key() {
-    let public = es256_key("es256-public.pem");
+    let public = test_key("es256-public.pem");
     let broker = TestBroker::start_with(|c| c.auth.jwt_public_key = Some(public.clone())).await;
     let url = broker.url();
-    let private = std::fs::read(es256_key("es256-private.pem")).unwrap();
+    let private = std::fs::read(test_key("es256-private.pem")).unwrap();
     let key = EncodingKey::from_ec_pem(&private).expect("the test private key");
     let alice = claims_for("alice", 60, None);
     let es256 = |c: &Claims| jsonwebtoken::encode(&Header::new(Algorithm::ES256), c, &key).unwrap();
@@ -433,6 +433,29 @@ async fn es256_tokens_are_checked_with_the_public_key() {
         (code, reason.contains("expired")),
         (close::UNAUTHORIZED, true)
     );
+}
+
+#[tokio::test]
+async fn rs256_tokens_are_checked_with_the_public_key() {
+    let public = test_key("rs256-public.pem");
+    let broker = TestBroker::start_with(|c| c.auth.jwt_public_key = Some(public.clone())).await;
+    let url = broker.url();
+    let private = std::fs::read(test_key("rs256-private.pem")).unwrap();
+    let key = EncodingKey::from_rsa_pem(&private).expect("the test private key");
+    let alice = claims_for("alice", 60, None);
+    let sign =
+        |alg: Algorithm, c: &Claims| jsonwebtoken::encode(&Header::new(alg), c, &key).unwrap();
+
+    let (_client, connected) = connect_as(&url, sign(Algorithm::RS256, &alice)).await;
+    assert_eq!(connected.user.as_deref(), Some("alice"));
+    // The same key with another RSA algorithm is not the configured one.
+    let (code, reason) = refused(&url, Some(sign(Algorithm::RS512, &alice))).await;
+    assert_eq!(code, close::UNAUTHORIZED, "{reason}");
+    // HS256 keyed with the public key's PEM text (algorithm confusion).
+    let public_pem = std::fs::read(&public).unwrap();
+    let (code, reason) = refused(&url, Some(sign_hs(&alice, Algorithm::HS256, &public_pem))).await;
+    assert_eq!(code, close::UNAUTHORIZED, "{reason}");
+    assert!(reason.contains("algorithm"), "{reason}");
 }
 
 // ----------------------------------------------------------- permissions
