@@ -253,3 +253,39 @@ async fn without_a_token_the_cli_reads_the_one_the_broker_generated() {
     let info = json(&output);
     assert!(info["version"].is_string(), "{info}");
 }
+
+#[tokio::test]
+async fn presence_lists_subscribers_and_delete_needs_yes() {
+    let broker = AdminBroker::start();
+    let mut client = Client::connect(&broker.broker.url(), Codec::Json).await;
+    client.subscribe(sub("cli:gone")).await;
+    client.publish("cli:gone", b"1").await;
+
+    let presence = json(&broker.cli(&["presence", "cli:gone", "--json"]).await);
+    assert_eq!(
+        presence["clients"].as_array().map(Vec::len),
+        Some(1),
+        "{presence}"
+    );
+    let table = stdout(&broker.cli(&["presence", "cli:gone"]).await);
+    assert!(
+        table.contains("(anonymous)") && table.contains("ws"),
+        "{table}"
+    );
+
+    let refused = broker.cli(&["delete", "cli:gone"]).await;
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("--yes"), "{}", stderr(&refused));
+    let deleted = stdout(&broker.cli(&["delete", "cli:gone", "--yes"]).await);
+    assert!(
+        deleted.contains("deleted cli:gone (1 stored messages removed)"),
+        "{deleted}"
+    );
+    let again = broker.cli(&["delete", "cli:gone", "--yes"]).await;
+    assert!(!again.status.success(), "a repeat finds no channel");
+    assert!(
+        stderr(&again).contains("not_found") || stderr(&again).contains("no channel"),
+        "{}",
+        stderr(&again)
+    );
+}

@@ -113,6 +113,19 @@ enum AdminCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// Delete a channel with its messages, consumers and dead letters.
+    Delete {
+        /// The channel name.
+        channel: String,
+        /// Confirm: everything of the channel is gone for good.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Who is subscribed to a channel on this node.
+    Presence {
+        /// The channel name.
+        channel: String,
+    },
     /// Move a consumer's floor to SEQ: everything after it is delivered again.
     Reset {
         /// The channel name.
@@ -229,6 +242,16 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             terminal_safe(channel)
         );
     }
+    if let AdminCommand::Delete {
+        channel,
+        yes: false,
+    } = &args.command
+    {
+        bail!(
+            "deleting removes {} with every message, consumer and dead letter; pass --yes to confirm",
+            terminal_safe(channel)
+        );
+    }
     let api = Api::new(&args.target)?;
     let json_out = args.json;
     match args.command {
@@ -326,6 +349,35 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Info => {
             let info = api.get(&["info"], &[]).await?;
             print(json_out, &info, print_info)
+        }
+        AdminCommand::Delete { channel, .. } => {
+            let deleted = api.delete(&["channels", &channel]).await?;
+            print(json_out, &deleted, |deleted: Value| {
+                println!(
+                    "deleted {} ({} stored messages removed)",
+                    terminal_safe(deleted["deleted"].as_str().unwrap_or("")),
+                    deleted["messages_removed"].as_u64().unwrap_or(0)
+                );
+                Ok(())
+            })
+        }
+        AdminCommand::Presence { channel } => {
+            let presence = api.get(&["channels", &channel, "presence"], &[]).await?;
+            print(json_out, &presence, |presence: Value| {
+                let clients = presence["clients"].as_array().cloned().unwrap_or_default();
+                if clients.is_empty() {
+                    println!("nobody is subscribed to {}", terminal_safe(&channel));
+                }
+                for client in clients {
+                    println!(
+                        "{}  {}  {}",
+                        terminal_safe(client["conn_id"].as_str().unwrap_or("")),
+                        terminal_safe(client["user"].as_str().unwrap_or("(anonymous)")),
+                        terminal_safe(client["transport"].as_str().unwrap_or(""))
+                    );
+                }
+                Ok(())
+            })
         }
     }
 }
@@ -454,6 +506,11 @@ impl Api {
     async fn get(&self, segments: &[&str], query: &[(&str, String)]) -> anyhow::Result<Value> {
         let url = self.url(segments, query)?;
         self.request(Method::GET, url, None).await
+    }
+
+    async fn delete(&self, segments: &[&str]) -> anyhow::Result<Value> {
+        let url = self.url(segments, &[])?;
+        self.request(Method::DELETE, url, None).await
     }
 
     /// POSTs `body` (none when it is `null`).
