@@ -18,19 +18,8 @@ use fantoccini::{Locator, elements::Element};
 use futures_util::FutureExt;
 use serde_json::{Value, json};
 
-/// Chromium's flags on a machine with loopback networking only.
-const CHROMIUM_FLAGS: [&str; 10] = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-    "--window-size=1280,1100",
-];
+/// Flags the dashboard test adds to the shared headless ones.
+const DASHBOARD_FLAGS: [&str; 2] = ["--disable-dev-shm-usage", "--window-size=1280,1100"];
 
 /// The first of `names` found on `PATH`.
 fn on_path(names: &[&str]) -> Option<PathBuf> {
@@ -74,7 +63,11 @@ impl Browser {
             std::thread::sleep(Duration::from_millis(20));
         }
         let profile = tempfile::tempdir().expect("profile dir");
-        let mut args: Vec<String> = CHROMIUM_FLAGS.iter().map(|f| (*f).to_owned()).collect();
+        let mut args: Vec<String> = CHROMIUM_FLAGS
+            .iter()
+            .chain(&DASHBOARD_FLAGS)
+            .map(|f| (*f).to_owned())
+            .collect();
         args.push(format!("--user-data-dir={}", profile.path().display()));
         let capabilities = json!({
             "browserName": "chrome",

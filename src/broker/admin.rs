@@ -190,11 +190,6 @@ impl Broker {
             .collect()
     }
 
-    /// A channel that exists (never creates one).
-    pub fn find_channel(&self, name: &ChannelName) -> Result<Arc<Channel>, BrokerError> {
-        self.existing_channel(name)
-    }
-
     /// A channel with its policy and every consumer: those in memory and
     /// those only stored.
     pub async fn channel_detail(&self, name: &ChannelName) -> Result<ChannelDetail, BrokerError> {
@@ -347,18 +342,7 @@ impl Broker {
             let (messages, _) = channel.stored();
             return Ok(messages);
         }
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.writer
-            .send(super::writer::WriterRequest::Delete {
-                name: name.as_str().to_owned(),
-                id: channel.id(),
-                reply,
-            })
-            .await
-            .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))?;
-        let removed = rx
-            .await
-            .map_err(|_| BrokerError::Unavailable("the writer has stopped".into()))??;
+        let removed = self.delete_stored(&channel).await?;
         self.flush().await?;
         tracing::info!(channel = %name, removed, "channel deleted by an operator");
         Ok(removed)

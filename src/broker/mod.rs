@@ -694,7 +694,25 @@ impl Broker {
         Ok(removed)
     }
 
-    fn existing_channel(&self, name: &ChannelName) -> Result<Arc<Channel>, BrokerError> {
+    /// Has the writer remove a deleted channel's records, after the appends
+    /// queued before; returns how many messages it removed.
+    async fn delete_stored(&self, channel: &Channel) -> Result<u64, BrokerError> {
+        let (reply, rx) = oneshot::channel();
+        self.writer
+            .send(WriterRequest::Delete {
+                name: channel.name().as_str().to_owned(),
+                id: channel.id(),
+                reply,
+            })
+            .await
+            .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))?;
+        Ok(rx
+            .await
+            .map_err(|_| BrokerError::Unavailable("the writer has stopped".into()))??)
+    }
+
+    /// A channel that exists (never creates one).
+    pub fn existing_channel(&self, name: &ChannelName) -> Result<Arc<Channel>, BrokerError> {
         lock(&self.channels)
             .get(name.as_str())
             .cloned()
@@ -844,17 +862,7 @@ impl Broker {
             }
             evicted += 1;
             if channel.is_durable() {
-                let (reply, rx) = tokio::sync::oneshot::channel();
-                self.writer
-                    .send(writer::WriterRequest::Delete {
-                        name: channel.name().as_str().to_owned(),
-                        id: channel.id(),
-                        reply,
-                    })
-                    .await
-                    .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))?;
-                rx.await
-                    .map_err(|_| BrokerError::Unavailable("the writer has stopped".into()))??;
+                self.delete_stored(&channel).await?;
             }
         }
         if evicted > 0 {

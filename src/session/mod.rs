@@ -473,9 +473,11 @@ impl Session {
     {
         let max_pending = usize::try_from(self.broker.config().server.max_pending_publishes)
             .unwrap_or(usize::MAX);
+        // Held once for the loop: the control branch borrows it while the
+        // handlers borrow the session mutably.
+        let handle = Arc::clone(self.registration.handle());
         loop {
             let deadline = self.auth_deadline;
-            let handle = Arc::clone(self.registration.handle());
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {

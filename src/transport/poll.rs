@@ -243,12 +243,7 @@ pub async fn poll(
     headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Ok(Query(query)) = query else {
-        return Err(ApiError::new(
-            ErrorCode::BadRequest,
-            "malformed query string",
-        ));
-    };
+    let query = sessions::query_params(query)?;
     let http = &app.broker.config().http;
     let wait = parse_wait(query.get("wait"), http.poll_wait, http.poll_wait_max)?;
     let (session, cursor) = match query.get("cursor") {

@@ -241,6 +241,18 @@ impl HttpSession {
     }
 }
 
+/// The query of `/sse` and `/poll`, or `bad_request` when it does not parse.
+pub fn query_params(
+    query: Result<
+        axum::extract::Query<HashMap<String, String>>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Result<HashMap<String, String>, ApiError> {
+    query
+        .map(|axum::extract::Query(query)| query)
+        .map_err(|_| ApiError::new(ErrorCode::BadRequest, "malformed query string"))
+}
+
 /// What a new SSE stream or poll session subscribes to.
 #[derive(Debug, Clone, Default)]
 pub struct SubscribeParams {

@@ -44,12 +44,7 @@ pub async fn stream(
     headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Ok(Query(query)) = query else {
-        return Err(ApiError::new(
-            ErrorCode::BadRequest,
-            "malformed query string",
-        ));
-    };
+    let query = sessions::query_params(query)?;
     let params = SubscribeParams::from_query(&query)?;
     let last_event = match headers.get("last-event-id") {
         None => None,

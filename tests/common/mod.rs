@@ -29,6 +29,19 @@ pub const WAIT: Duration = Duration::from_secs(20);
 /// Both codecs, for tests that run over each.
 pub const CODECS: [Codec; 2] = [Codec::Json, Codec::MsgPack];
 
+/// Headless Chromium's flags on a machine with loopback networking only
+/// (the browser tests add a fresh `--user-data-dir`).
+pub const CHROMIUM_FLAGS: [&str; 8] = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+];
+
 /// A broker running in this process.
 pub struct TestBroker {
     pub addr: SocketAddr,
