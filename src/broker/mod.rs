@@ -829,6 +829,9 @@ impl Broker {
         let candidates: Vec<Arc<Channel>> = {
             let channels = lock(&self.channels);
             let consumers = lock(&self.consumers);
+            // Once, not per channel: channels × consumers would be quadratic.
+            let consumed: std::collections::HashSet<&str> =
+                consumers.keys().map(|(name, _)| name.as_str()).collect();
             channels
                 .values()
                 .filter(|c| {
@@ -837,7 +840,7 @@ impl Broker {
                         && c.subscribers() == 0
                         && c.idle_since() < cutoff
                         && c.dead_letters().load(Ordering::Relaxed) == 0
-                        && !consumers.keys().any(|(name, _)| name == c.name().as_str())
+                        && !consumed.contains(c.name().as_str())
                 })
                 .cloned()
                 .collect()
