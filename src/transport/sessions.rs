@@ -67,11 +67,12 @@ impl Registry {
         }
     }
 
-    /// The open session `id` of this `kind` ("sse", "poll").
+    /// The open session `id` of this `kind` ("sse", "poll"). A session
+    /// being closed is gone at once, though its task may still be ending.
     pub fn get(&self, id: &str, kind: &str) -> Option<Arc<HttpSession>> {
         lock(&self.sessions)
             .get(id)
-            .filter(|s| s.kind == kind)
+            .filter(|s| s.kind == kind && !s.cancel.is_cancelled())
             .cloned()
     }
 
