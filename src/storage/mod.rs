@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::protocol::Headers;
 
+pub mod redis;
+
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -39,6 +41,12 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("corrupt record in {tree}: {message}")]
     Corrupt { tree: &'static str, message: String },
+    /// Redis refused a command (a bug or a misconfigured server).
+    #[error("redis: {0}")]
+    Redis(String),
+    /// Redis cannot be reached now; the caller may retry later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// A channel as stored.
