@@ -299,6 +299,37 @@ impl Default for RetryConfig {
     }
 }
 
+/// Where channels, consumers and dead letters live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageBackend {
+    /// Embedded sled in `server.data_dir`: one node.
+    #[default]
+    Sled,
+    /// Redis shared by every node of a cluster.
+    Redis,
+}
+
+/// `[storage]`: the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageConfig {
+    pub backend: StorageBackend,
+    /// Needed with `backend = "redis"`.
+    pub redis_url: Option<String>,
+    /// Key prefix in Redis: nodes with the same prefix form one cluster.
+    pub prefix: String,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            backend: StorageBackend::Sled,
+            redis_url: None,
+            prefix: "courier".to_owned(),
+        }
+    }
+}
+
 /// `[admin]`: the admin listener.
 #[derive(Clone, PartialEq, Default)]
 pub struct AdminConfig {
@@ -485,6 +516,7 @@ pub struct Config {
     pub limits: crate::limits::LimitsConfig,
     pub server: ServerConfig,
     pub retry: RetryConfig,
+    pub storage: StorageConfig,
     pub admin: AdminConfig,
     pub http: HttpConfig,
     pub auth: AuthConfig,
@@ -512,6 +544,8 @@ struct FileConfig {
     namespaces: BTreeMap<String, FileNamespace>,
     #[serde(default)]
     retry: FileRetry,
+    #[serde(default)]
+    storage: FileStorage,
     #[serde(default)]
     admin: FileAdmin,
     #[serde(default)]
@@ -559,6 +593,14 @@ struct FileHttp {
     publish_batch_max: Option<usize>,
     publish_batch_max_bytes: Option<ByteSize>,
     cors_allow_origins: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStorage {
+    backend: Option<StorageBackend>,
+    redis_url: Option<String>,
+    prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -716,9 +758,21 @@ impl Config {
             .filter(|(name, _)| name.as_str() != "default")
             .map(|(name, ns)| (name.clone(), ns.over(&default_namespace)))
             .collect();
+        let mut storage = StorageConfig::default();
+        let st = file.storage;
+        storage.redis_url = st.redis_url;
+        merge!(storage, st, { backend, prefix }, {});
         let mut retry = RetryConfig::default();
         let r = file.retry;
-        retry.redis_url = r.redis_url;
+        // A cluster shares its retry queue: on Redis storage the queue is on
+        // the same Redis unless the file says otherwise.
+        if storage.backend == StorageBackend::Redis && r.backend.is_none() {
+            retry.backend = RetryBackend::Redis;
+            retry.redis_url.clone_from(&storage.redis_url);
+        }
+        if r.redis_url.is_some() {
+            retry.redis_url = r.redis_url;
+        }
         merge!(retry, r, { backend, queue }, { poll_interval });
         let admin = AdminConfig {
             token: file.admin.token,
@@ -742,6 +796,7 @@ impl Config {
             log,
             server,
             retry,
+            storage,
             admin,
             http,
             auth: file.auth,
@@ -767,6 +822,21 @@ impl Config {
         }
         if self.retry.backend == RetryBackend::Redis && self.retry.redis_url.is_none() {
             return Err("retry.backend = \"redis\" needs retry.redis_url".to_owned());
+        }
+        if self.storage.backend == StorageBackend::Redis {
+            if self.storage.redis_url.is_none() {
+                return Err("storage.backend = \"redis\" needs storage.redis_url".to_owned());
+            }
+            if self.retry.backend != RetryBackend::Redis {
+                return Err("storage.backend = \"redis\" needs retry.backend = \"redis\": every node of a cluster must share the retry queue (leave retry.backend out to use storage.redis_url)".to_owned());
+            }
+            let prefix = &self.storage.prefix;
+            if prefix.is_empty()
+                || prefix.len() > 64
+                || prefix.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err("storage.prefix must be 1 to 64 characters without spaces".to_owned());
+            }
         }
         if self.retry.poll_interval.is_zero() {
             return Err("retry.poll_interval must be greater than zero".to_owned());

@@ -146,7 +146,7 @@ pub struct LoadedChannel {
 }
 
 /// The sled database and its trees.
-pub struct Store {
+pub struct SledStore {
     db: sled::Db,
     channels: sled::Tree,
     log: sled::Tree,
@@ -207,7 +207,7 @@ fn decode<T: for<'de> Deserialize<'de>>(tree: &'static str, bytes: &[u8]) -> Res
     })
 }
 
-impl Store {
+impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)?;
@@ -585,6 +585,276 @@ impl Store {
             max_id = max_id.max(seq_of(&k).unwrap_or(0));
         }
         Ok((count, max_id))
+    }
+}
+
+/// The store the broker runs on: embedded sled, or Redis shared by a
+/// cluster. Every method means the same on both (see each backend).
+pub enum Store {
+    Sled(SledStore),
+    Redis(Box<redis::RedisStore>),
+}
+
+impl Store {
+    /// Opens (or creates) the embedded sled store in `dir`.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        SledStore::open(dir, cache_bytes).map(Self::Sled)
+    }
+
+    /// Connects to the shared store on Redis at `url`, keys under `prefix`.
+    pub fn redis(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        redis::RedisStore::open(url, prefix).map(|store| Self::Redis(Box::new(store)))
+    }
+
+    /// The Redis store, when the broker runs as part of a cluster.
+    pub fn shared(&self) -> Option<&redis::RedisStore> {
+        match self {
+            Self::Sled(_) => None,
+            Self::Redis(store) => Some(store),
+        }
+    }
+
+    /// Records that a run has begun (durably) and tells whether the previous
+    /// run ended uncleanly while acknowledging before its flush
+    /// (`fsync = "interval"`), i.e. whether pubacked messages may be lost.
+    pub fn begin_run(&self, acks_before_flush: bool) -> Result<bool, StoreError> {
+        match self {
+            Self::Sled(store) => store.begin_run(acks_before_flush),
+            Self::Redis(store) => store.begin_run(acks_before_flush),
+        }
+    }
+
+    /// Marks the run as ended gracefully (durable with the final flush).
+    pub fn mark_clean(&self) -> Result<(), StoreError> {
+        match self {
+            Self::Sled(store) => store.mark_clean(),
+            Self::Redis(store) => store.mark_clean(),
+        }
+    }
+
+    /// Makes every write so far durable: sled flush, then fdatasync.
+    pub fn flush_durable(&self) -> Result<(), StoreError> {
+        match self {
+            Self::Sled(store) => store.flush_durable(),
+            Self::Redis(store) => store.flush_durable(),
+        }
+    }
+
+    /// Every stored channel with its seq range and size.
+    pub fn load_channels(&self) -> Result<Vec<LoadedChannel>, StoreError> {
+        match self {
+            Self::Sled(store) => store.load_channels(),
+            Self::Redis(store) => store.load_channels(),
+        }
+    }
+
+    /// The highest channel id in use.
+    pub fn max_channel_id(&self) -> Result<u64, StoreError> {
+        match self {
+            Self::Sled(store) => store.max_channel_id(),
+            Self::Redis(store) => store.max_channel_id(),
+        }
+    }
+
+    /// Records a new channel (durable with the next flush).
+    pub fn put_channel(&self, name: &str, record: &ChannelRecord) -> Result<(), StoreError> {
+        match self {
+            Self::Sled(store) => store.put_channel(name, record),
+            Self::Redis(store) => store.put_channel(name, record),
+        }
+    }
+
+    /// Appends one message (durable with the next flush). The writer moves
+    /// the head with [`Store::put_head`] once per batch, after its messages.
+    pub fn append(&self, channel: u64, seq: u64, record: &MessageRecord) -> Result<(), StoreError> {
+        match self {
+            Self::Sled(store) => store.append(channel, seq, record),
+            Self::Redis(store) => store.append(channel, seq, record),
+        }
+    }
+
+    /// Records a channel's head (written after the messages it counts).
+    pub fn put_head(&self, channel: u64, head: &HeadRecord) -> Result<(), StoreError> {
+        match self {
+            Self::Sled(store) => store.put_head(channel, head),
+            Self::Redis(store) => store.put_head(channel, head),
+        }
+    }
+
+    /// Messages `from..=to` that are still stored, at most `limit`.
+    pub fn read_range(
+        &self,
+        channel: u64,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, MessageRecord)>, StoreError> {
+        match self {
+            Self::Sled(store) => store.read_range(channel, from, to, limit),
+            Self::Redis(store) => store.read_range(channel, from, to, limit),
+        }
+    }
+
+    /// The newest messages with a `msg_id`, published at or after `since_ms`
+    /// (newest first), at most `limit`: the dedup table after a restart.
+    pub fn recent_msg_ids(
+        &self,
+        channel: u64,
+        since_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        match self {
+            Self::Sled(store) => store.recent_msg_ids(channel, since_ms, limit),
+            Self::Redis(store) => store.recent_msg_ids(channel, since_ms, limit),
+        }
+    }
+
+    /// Removes the oldest messages of a channel while `keep(seq, record)` says
+    /// no, stopping at the first one to keep or at `last_seq`. Returns the new
+    /// first seq and the bytes removed.
+    pub fn trim(
+        &self,
+        channel: u64,
+        last_seq: u64,
+        drop: impl FnMut(u64, &MessageRecord) -> bool,
+    ) -> Result<(u64, u64), StoreError> {
+        match self {
+            Self::Sled(store) => store.trim(channel, last_seq, drop),
+            Self::Redis(store) => store.trim(channel, last_seq, drop),
+        }
+    }
+
+    /// A durable consumer's state, if it exists.
+    pub fn load_consumer(
+        &self,
+        channel: u64,
+        name: &str,
+    ) -> Result<Option<ConsumerRecord>, StoreError> {
+        match self {
+            Self::Sled(store) => store.load_consumer(channel, name),
+            Self::Redis(store) => store.load_consumer(channel, name),
+        }
+    }
+
+    /// Saves a durable consumer's state (durable with the next flush).
+    pub fn save_consumer(
+        &self,
+        channel: u64,
+        name: &str,
+        record: &ConsumerRecord,
+    ) -> Result<(), StoreError> {
+        match self {
+            Self::Sled(store) => store.save_consumer(channel, name, record),
+            Self::Redis(store) => store.save_consumer(channel, name, record),
+        }
+    }
+
+    /// Every stored consumer of a channel, by name.
+    pub fn list_consumers(
+        &self,
+        channel: u64,
+    ) -> Result<Vec<(String, ConsumerRecord)>, StoreError> {
+        match self {
+            Self::Sled(store) => store.list_consumers(channel),
+            Self::Redis(store) => store.list_consumers(channel),
+        }
+    }
+
+    /// Removes a channel with its log, head, consumers and dead letters
+    /// (durable with the next flush). The record under `name` goes only if
+    /// it is still this channel's (`id`). Returns how many messages it removed.
+    pub fn delete_channel(&self, name: &str, id: u64) -> Result<u64, StoreError> {
+        match self {
+            Self::Sled(store) => store.delete_channel(name, id),
+            Self::Redis(store) => store.delete_channel(name, id),
+        }
+    }
+
+    /// Bytes sled uses on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        match self {
+            Self::Sled(store) => store.size_on_disk(),
+            Self::Redis(store) => store.size_on_disk(),
+        }
+    }
+
+    /// One message, if it is still stored.
+    pub fn read_one(&self, channel: u64, seq: u64) -> Result<Option<MessageRecord>, StoreError> {
+        match self {
+            Self::Sled(store) => store.read_one(channel, seq),
+            Self::Redis(store) => store.read_one(channel, seq),
+        }
+    }
+
+    /// Stores a dead letter (durable with the next flush).
+    pub fn dlq_put(&self, channel: u64, record: &DeadLetterRecord) -> Result<(), StoreError> {
+        match self {
+            Self::Sled(store) => store.dlq_put(channel, record),
+            Self::Redis(store) => store.dlq_put(channel, record),
+        }
+    }
+
+    /// Dead letters of a channel in (seq, consumer) order, after the given
+    /// position, at most `limit`; `seqs` bounds the seqs listed.
+    pub fn dlq_list(
+        &self,
+        channel: u64,
+        after: Option<(u64, &str)>,
+        seqs: std::ops::RangeInclusive<u64>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetterRecord>, StoreError> {
+        match self {
+            Self::Sled(store) => store.dlq_list(channel, after, seqs, limit),
+            Self::Redis(store) => store.dlq_list(channel, after, seqs, limit),
+        }
+    }
+
+    /// Removes one dead letter; true when it was there.
+    pub fn dlq_remove(&self, channel: u64, seq: u64, consumer: &str) -> Result<bool, StoreError> {
+        match self {
+            Self::Sled(store) => store.dlq_remove(channel, seq, consumer),
+            Self::Redis(store) => store.dlq_remove(channel, seq, consumer),
+        }
+    }
+
+    /// The oldest dead letter of a channel (lowest seq).
+    pub fn dlq_first(&self, channel: u64) -> Result<Option<DeadLetterRecord>, StoreError> {
+        match self {
+            Self::Sled(store) => store.dlq_first(channel),
+            Self::Redis(store) => store.dlq_first(channel),
+        }
+    }
+
+    /// Stores a retry job due at `due_ms` (durable with the next flush).
+    pub fn retry_put(&self, due_ms: u64, id: u64, job: &[u8]) -> Result<(), StoreError> {
+        match self {
+            Self::Sled(store) => store.retry_put(due_ms, id, job),
+            Self::Redis(store) => store.retry_put(due_ms, id, job),
+        }
+    }
+
+    /// Removes and returns up to `limit` jobs due at or before `now_ms`.
+    pub fn retry_take_due(&self, now_ms: u64, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        match self {
+            Self::Sled(store) => store.retry_take_due(now_ms, limit),
+            Self::Redis(store) => store.retry_take_due(now_ms, limit),
+        }
+    }
+
+    /// When the next retry job is due, if any.
+    pub fn retry_next_due(&self) -> Result<Option<u64>, StoreError> {
+        match self {
+            Self::Sled(store) => store.retry_next_due(),
+            Self::Redis(store) => store.retry_next_due(),
+        }
+    }
+
+    /// Jobs waiting, and the highest job id in use.
+    pub fn retry_stats(&self) -> Result<(u64, u64), StoreError> {
+        match self {
+            Self::Sled(store) => store.retry_stats(),
+            Self::Redis(store) => store.retry_stats(),
+        }
     }
 }
 
