@@ -49,6 +49,8 @@ const WRITE_BUFFER: usize = 64 * 1024;
 #[derive(Clone)]
 pub(super) struct Options {
     pub url: String,
+    /// Other servers of the same cluster, tried in turn after `url`.
+    pub fallbacks: Vec<String>,
     pub token: Option<String>,
     pub name: Option<String>,
     pub codec: Codec,
@@ -63,6 +65,7 @@ impl std::fmt::Debug for Options {
         // Never print the token.
         f.debug_struct("Options")
             .field("url", &self.url)
+            .field("fallbacks", &self.fallbacks)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("name", &self.name)
             .field("codec", &self.codec)
@@ -102,12 +105,26 @@ pub(super) fn decode(codec: Codec, message: &Message) -> Option<Result<ServerFra
     Some(decode_server(codec, bytes).map_err(|e| e.to_string()))
 }
 
-/// Opens a connection and completes `connect` → `connected`, all within
+impl Options {
+    /// The server for connection attempt `attempt` (0 first): the URL,
+    /// then each fallback in turn, round and round.
+    pub fn url_for(&self, attempt: u32) -> &str {
+        let count = self.fallbacks.len() + 1;
+        match usize::try_from(attempt).unwrap_or(0) % count {
+            0 => &self.url,
+            n => &self.fallbacks[n - 1],
+        }
+    }
+}
+
+/// Opens a connection to the server for attempt `attempt` (see
+/// [`Options::url_for`]) and completes `connect` → `connected`, all within
 /// the request timeout.
-pub(super) fn establish(options: Arc<Options>) -> Connecting {
+pub(super) fn establish(options: Arc<Options>, attempt: u32) -> Connecting {
     Box::pin(async move {
         let timeout = options.request_timeout;
-        match tokio::time::timeout(timeout, open(&options)).await {
+        let url = options.url_for(attempt).to_owned();
+        match tokio::time::timeout(timeout, open(&options, &url)).await {
             Ok(result) => result,
             Err(_) => Err(ConnectError::new(
                 ConnectErrorKind::TimedOut,
@@ -117,10 +134,8 @@ pub(super) fn establish(options: Arc<Options>) -> Connecting {
     })
 }
 
-async fn open(options: &Options) -> Result<(Socket, Connected), ConnectError> {
-    let mut request = options
-        .url
-        .as_str()
+async fn open(options: &Options, url: &str) -> Result<(Socket, Connected), ConnectError> {
+    let mut request = url
         .into_client_request()
         .map_err(|e| ConnectError::new(ConnectErrorKind::InvalidUrl, e.to_string()))?;
     request.headers_mut().insert(

@@ -63,7 +63,7 @@ impl Driver {
         }
         if self.retry_at.is_some_and(|t| t <= now) {
             self.retry_at = None;
-            self.connecting = Some(establish(Arc::clone(&self.options)));
+            self.connecting = Some(establish(Arc::clone(&self.options), self.attempt));
         }
     }
 

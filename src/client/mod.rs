@@ -222,6 +222,15 @@ impl ClientBuilder {
         self
     }
 
+    /// Another server of the same cluster. Reconnects go round the URL and
+    /// its fallbacks in turn, so a client whose server died resumes on
+    /// another one; so does [`connect`](Self::connect) when the first
+    /// cannot be reached. Call once per server.
+    pub fn fallback(mut self, url: impl Into<String>) -> Self {
+        self.options.fallbacks.push(url.into());
+        self
+    }
+
     /// Failed reconnect attempts in a row after which the client closes
     /// itself. Default `None`: unlimited.
     pub fn max_reconnects(mut self, max: Option<u32>) -> Self {
@@ -230,10 +239,25 @@ impl ClientBuilder {
     }
 
     /// Connects. The first connection must succeed (within the request
-    /// timeout); later drops are reconnected in the background.
+    /// timeout; with fallbacks, to one of the servers, tried in order);
+    /// later drops are reconnected in the background.
     pub async fn connect(self) -> Result<Client, ConnectError> {
         let options = Arc::new(self.options);
-        let (socket, connected) = establish(Arc::clone(&options)).await?;
+        let mut attempt = 0;
+        let (socket, connected) = loop {
+            match establish(Arc::clone(&options), attempt).await {
+                Ok(connection) => break connection,
+                // A refusal by a server is not fixed by asking another.
+                Err(e)
+                    if matches!(e.kind, ConnectErrorKind::Io | ConnectErrorKind::TimedOut)
+                        && usize::try_from(attempt).unwrap_or(usize::MAX)
+                            < options.fallbacks.len() =>
+                {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let (tx, commands) = mpsc::channel(command::COMMAND_BUFFER);
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         tracing::info!(conn_id = %connected.conn_id, url = %options.url, "courier client connected");
@@ -258,6 +282,7 @@ impl Client {
         ClientBuilder {
             options: Options {
                 url: url.into(),
+                fallbacks: Vec::new(),
                 token: None,
                 name: None,
                 codec: Codec::MsgPack,
