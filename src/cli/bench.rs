@@ -60,9 +60,13 @@ pub struct BenchArgs {
     /// durable, fanout, queue, connections or redelivery.
     #[arg(value_enum)]
     workload: Workload,
-    /// `ws://host:port/ws` of a running broker; without it one starts locally.
-    #[arg(long)]
-    url: Option<String>,
+    /// `ws://host:port/ws` of a running broker; without it one starts
+    /// locally. Several, comma-separated, for the nodes of a cluster:
+    /// publisher p connects to node p, subscriber i to node i + 1 (mod the
+    /// number of nodes), so with two or more nodes every delivery crosses
+    /// from one node to another.
+    #[arg(long, value_delimiter = ',')]
+    url: Vec<String>,
     /// Messages to publish (connections: connections to open).
     #[arg(short = 'n', long = "count")]
     count: Option<u64>,
@@ -107,15 +111,15 @@ fn histogram() -> anyhow::Result<Histogram<u64>> {
 
 /// A broker for the run: in this process, as a child process, or remote.
 enum Target {
-    Remote(String),
+    Remote(Vec<String>),
     InProcess(courier::server::Server, tempfile::TempDir),
     Child(std::process::Child, String, tempfile::TempDir),
 }
 
 impl Target {
     async fn start(args: &BenchArgs) -> anyhow::Result<Self> {
-        if let Some(url) = &args.url {
-            return Ok(Self::Remote(url.clone()));
+        if !args.url.is_empty() {
+            return Ok(Self::Remote(args.url.clone()));
         }
         let dir = tempfile::tempdir()?;
         if args.workload == Workload::Connections {
@@ -177,9 +181,11 @@ impl Target {
         Ok(Self::Child(child, format!("ws://{addr}/ws"), dir))
     }
 
-    fn url(&self) -> String {
+    /// The URL of node `n` (wrapping round the nodes; one unless remote).
+    fn url(&self, n: usize) -> String {
         match self {
-            Self::Remote(url) | Self::Child(_, url, _) => url.clone(),
+            Self::Remote(urls) => urls[n % urls.len()].clone(),
+            Self::Child(_, url, _) => url.clone(),
             Self::InProcess(server, _) => format!("ws://{}/ws", server.addr()),
         }
     }
@@ -568,7 +574,6 @@ async fn messages(args: &BenchArgs, target: &Target) -> anyhow::Result<serde_jso
     } else {
         0
     };
-    let url = target.url();
     let channel = format!(
         "bench:{:?}-{}-{}",
         args.workload,
@@ -595,7 +600,7 @@ async fn messages(args: &BenchArgs, target: &Target) -> anyhow::Result<serde_jso
                 ..Subscribe::default()
             }
         };
-        let ws = subscribe(&url, &channel, consumer).await?;
+        let ws = subscribe(&target.url(i + 1), &channel, consumer).await?;
         let tally = if group {
             Arc::clone(&shared)
         } else {
@@ -624,7 +629,7 @@ async fn messages(args: &BenchArgs, target: &Target) -> anyhow::Result<serde_jso
     let mut publishers = Vec::new();
     let step = u64::try_from(args.publishers)?;
     for p in 0..step {
-        let ws = connect(&url, false).await?;
+        let ws = connect(&target.url(usize::try_from(p)?), false).await?;
         publishers.push(tokio::spawn(publish(
             ws,
             channel.clone(),
@@ -726,7 +731,7 @@ fn rss(pid: u32) -> Option<u64> {
 
 async fn connections(args: &BenchArgs, target: &Target) -> anyhow::Result<serde_json::Value> {
     let count = args.count.unwrap_or(1000);
-    let url = target.url();
+    let url = target.url(0);
     let pid = target.pid();
     let before = pid.and_then(rss);
     let progress = progress_bar(count);
