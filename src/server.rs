@@ -300,7 +300,11 @@ fn spawn_background(
     if let Err(e) = broker.start_retry_worker(cancel.clone()) {
         tracing::error!(error = %e, "cannot start the retry worker; retries wait for the next subscribe");
     }
-    vec![persist, retention, stats]
+    let follow = tracker.spawn(crate::broker::cluster::follow(
+        Arc::clone(broker),
+        cancel.clone(),
+    ));
+    vec![persist, retention, stats, follow]
 }
 
 /// A future that resolves on SIGINT (Ctrl-C) or SIGTERM.

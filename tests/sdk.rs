@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::sdk::{consume, seen_all};
 use common::{CODECS, ChildBroker, TestBroker, WAIT};
 use courier::client::{
     Backoff, Client, Delivery, ErrorCode, Event, PublishErrorKind, PublishOptions,
@@ -163,58 +164,6 @@ async fn publish_subscribe_ack_round_trip_in_both_codecs() {
 }
 
 const BATCH: &str = "[server]\nfsync = \"batch\"\n";
-
-/// Reads deliveries, acks each, and reports `(seq, payload)` until dropped.
-fn consume(mut subscription: Subscription) -> tokio::sync::mpsc::Receiver<(u64, Bytes)> {
-    let (tx, rx) = tokio::sync::mpsc::channel(10_000);
-    tokio::spawn(async move {
-        while let Some(delivery) = subscription.next().await {
-            if tx
-                .send((delivery.seq, delivery.data.clone()))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let _ = delivery.ack().await;
-        }
-    });
-    rx
-}
-
-/// Collects deliveries until every seq of `expected` was seen; checks each
-/// payload and that seqs were first seen in increasing order.
-async fn seen_all(
-    deliveries: &mut tokio::sync::mpsc::Receiver<(u64, Bytes)>,
-    expected: &BTreeMap<u64, Bytes>,
-    who: &str,
-) {
-    let mut seen = BTreeSet::new();
-    let mut last_first = 0;
-    let wait = tokio::time::timeout(Duration::from_secs(60), async {
-        while !expected.keys().all(|seq| seen.contains(seq)) {
-            let (seq, data) = deliveries.recv().await.expect("consumer runs");
-            if let Some(want) = expected.get(&seq) {
-                assert_eq!(&data, want, "{who}: payload of seq {seq}");
-            }
-            if seen.insert(seq) {
-                assert!(
-                    seq > last_first,
-                    "{who}: seq {seq} first seen after {last_first}"
-                );
-                last_first = seq;
-            }
-        }
-    });
-    wait.await.unwrap_or_else(|_| {
-        let missing: Vec<_> = expected
-            .keys()
-            .filter(|s| !seen.contains(s))
-            .take(10)
-            .collect();
-        panic!("{who}: not every pubacked message was delivered; missing {missing:?}…")
-    });
-}
 
 #[tokio::test]
 async fn kill_9_and_restart_on_the_same_port_loses_and_duplicates_nothing() {

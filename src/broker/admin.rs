@@ -314,11 +314,36 @@ impl Broker {
     /// the name creates the channel anew, with a new epoch. Returns the
     /// number of stored messages removed.
     pub async fn delete_channel(&self, name: &ChannelName) -> Result<u64, BrokerError> {
+        let channel = self
+            .forget_channel(name, None)
+            .ok_or_else(|| BrokerError::NotFound(format!("no channel {name}")))?;
+        if !channel.is_durable() {
+            let (messages, _) = channel.stored();
+            return Ok(messages);
+        }
+        let removed = self.delete_stored(&channel).await?;
+        self.flush().await?;
+        if self.store.shared().is_some() {
+            super::cluster::announce_deleted(&self.store, name.as_str(), channel.id()).await;
+        }
+        tracing::info!(channel = %name, removed, "channel deleted by an operator");
+        Ok(removed)
+    }
+
+    /// Drops a channel from memory (only if its store id is `id`, when
+    /// given): no more appends, its consumers retired, its subscriptions
+    /// ended (`unsubscribed`, `id: 0`). Returns it when it was there.
+    pub(crate) fn forget_channel(
+        &self,
+        name: &ChannelName,
+        id: Option<u64>,
+    ) -> Option<Arc<Channel>> {
         let channel = {
             let mut channels = lock(&self.channels);
-            channels
-                .remove(name.as_str())
-                .ok_or_else(|| BrokerError::NotFound(format!("no channel {name}")))?
+            if id.is_some_and(|id| channels.get(name.as_str()).is_none_or(|c| c.id() != id)) {
+                return None;
+            }
+            channels.remove(name.as_str())?
         };
         channel.mark_deleted();
         let retired: Vec<Arc<Consumer>> = {
@@ -338,14 +363,7 @@ impl Broker {
                 channel: name.as_str().to_owned(),
             });
         }
-        if !channel.is_durable() {
-            let (messages, _) = channel.stored();
-            return Ok(messages);
-        }
-        let removed = self.delete_stored(&channel).await?;
-        self.flush().await?;
-        tracing::info!(channel = %name, removed, "channel deleted by an operator");
-        Ok(removed)
+        Some(channel)
     }
 
     /// Drops every message of a channel and gives it a new epoch (seqs

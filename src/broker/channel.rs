@@ -315,8 +315,18 @@ impl Channel {
     }
 
     /// [`Channel::commit`] for a caller that already holds the state lock.
+    /// A seq at or below the head is already visible and is skipped; a seq
+    /// past `head + 1` (a cluster node catching up over a trimmed range)
+    /// empties the cache first, which stays contiguous.
     pub(crate) fn commit_locked(&self, state: &mut ChannelState, message: Arc<Message>) {
         let seq = message.seq;
+        if seq <= self.head() {
+            return;
+        }
+        if state.cache.back().is_some_and(|last| last.seq + 1 != seq) {
+            state.cache.clear();
+            state.cache_bytes = 0;
+        }
         {
             state.cache_bytes += message.size();
             state.cache.push_back(message);
@@ -373,6 +383,59 @@ impl Channel {
             found.sort_by_key(|m| m.seq);
         }
         Ok(found)
+    }
+
+    /// Cluster mode: makes every seq up to `target` visible, in order.
+    /// `known` (sorted by seq) are this node's own appends; the seqs other
+    /// nodes appended in between are read from the store. Seqs the store no
+    /// longer holds (trimmed meanwhile) are passed over. Blocking.
+    pub(crate) fn catch_up(
+        &self,
+        store: &Store,
+        target: u64,
+        known: &[Arc<Message>],
+    ) -> Result<(), StoreError> {
+        const READ: u64 = 1024;
+        loop {
+            let from = self.head() + 1;
+            if from > target {
+                return Ok(());
+            }
+            let to = target.min(from + READ - 1);
+            let mut batch: Vec<Arc<Message>> = known
+                .iter()
+                .filter(|m| (from..=to).contains(&m.seq))
+                .cloned()
+                .collect();
+            if u64::try_from(batch.len()).unwrap_or(0) < to - from + 1 {
+                let limit = usize::try_from(READ).unwrap_or(usize::MAX);
+                for (seq, record) in store.read_range(self.id, from, to, limit)? {
+                    if batch.binary_search_by_key(&seq, |m| m.seq).is_err() {
+                        batch.push(Arc::new(Message::from_record(seq, record)));
+                    }
+                }
+                batch.sort_by_key(|m| m.seq);
+            }
+            let mut state = self.lock();
+            if state.deleted {
+                return Ok(());
+            }
+            for message in batch {
+                if message.seq > self.head() {
+                    state.bytes += u64::try_from(message.size()).unwrap_or(0);
+                    state.assigned = state.assigned.max(message.seq);
+                }
+                self.commit_locked(&mut state, message);
+            }
+            if self.head() < to {
+                // Trimmed before this node read them: nothing to show.
+                state.cache.clear();
+                state.cache_bytes = 0;
+                state.first_seq = state.first_seq.max(to + 1);
+                state.assigned = state.assigned.max(to);
+                self.head.send_replace(to);
+            }
+        }
     }
 
     /// Drops cached messages below `first_seq` after retention trimmed them.

@@ -6,6 +6,7 @@
 
 pub mod admin;
 mod channel;
+pub mod cluster;
 mod writer;
 
 use std::collections::HashMap;
@@ -23,13 +24,15 @@ pub use channel::{Channel, Message};
 use writer::{AppendRequest, WriterRequest};
 
 use crate::backoff::Backoff;
-use crate::config::{Config, FsyncPolicy, NamespacePolicy};
+use crate::config::{Config, FsyncPolicy, NamespacePolicy, StorageBackend};
 use crate::delivery::retry::{RetryError, RetryJob, RetryQueue};
 use crate::delivery::{Consumer, ConsumerMode, ConsumerState, RetryPolicy, SubscriptionId};
 use crate::protocol::{AckMode, ChannelName, ErrorCode, Headers, StartFrom};
 use crate::session::access::INBOX;
 use crate::session::registry::Connections;
-use crate::storage::{ChannelRecord, DeadLetterRecord, HeadRecord, Store, StoreError};
+use crate::storage::{
+    ChannelRecord, DeadLetterRecord, HeadRecord, LoadedChannel, Store, StoreError,
+};
 
 /// Why a broker operation failed, with the wire error code it maps to.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -164,7 +167,13 @@ impl Broker {
             .map_err(|e| BrokerError::BadRequest(e.to_string()))?;
         let limits = crate::limits::Limits::new(&config.limits, server.max_frame)
             .map_err(BrokerError::BadRequest)?;
-        let store = Arc::new(Store::open(&server.data_dir, server.store_cache)?);
+        let store = Arc::new(match config.storage.backend {
+            StorageBackend::Sled => Store::open(&server.data_dir, server.store_cache)?,
+            StorageBackend::Redis => Store::redis(
+                config.storage.redis_url.as_deref().unwrap_or_default(),
+                &config.storage.prefix,
+            )?,
+        });
         let retry = match retry {
             Some(retry) => retry,
             None => RetryQueue::sled(Arc::clone(&store))
@@ -175,6 +184,7 @@ impl Broker {
             Arc::clone(&store),
             server.fsync,
             server.fsync_interval,
+            u64::try_from(server.dedup_window.as_millis()).unwrap_or(u64::MAX),
             writer_rx,
         )
         .map_err(|e| BrokerError::Internal(format!("cannot start the writer: {e}")))?;
@@ -214,7 +224,7 @@ impl Broker {
             u64::try_from(self.config.server.dedup_window.as_millis()).unwrap_or(u64::MAX);
         let since = now_ms().saturating_sub(window_ms);
         let mut channels = lock(&self.channels);
-        for loaded in self.store.load_channels()? {
+        for mut loaded in self.store.load_channels()? {
             let Ok(name) = ChannelName::new(&loaded.name) else {
                 tracing::warn!(channel = %loaded.name, "skipping stored channel with an invalid name");
                 continue;
@@ -232,39 +242,55 @@ impl Broker {
             for (id, seq, ts) in recent {
                 dedup.insert(id, seq, ts);
             }
-            let mut record = loaded.record.clone();
             if reset_epochs {
-                record.epoch = new_epoch();
-                self.store.put_channel(&loaded.name, &record)?;
+                loaded.record.epoch = new_epoch();
+                self.store.put_channel(&loaded.name, &loaded.record)?;
             }
-            let state = ChannelState {
-                epoch: record.epoch.clone(),
-                assigned: loaded.last_seq,
-                first_seq: loaded.first_seq,
-                bytes: loaded.bytes,
-                head_record: HeadRecord {
-                    last_seq: loaded.last_seq,
-                    appended_bytes: loaded.bytes,
-                },
-                cache: Default::default(),
-                cache_bytes: 0,
-                dedup,
-                deleted: false,
-            };
-            let limits = self.cache_limits(&policy);
-            let counters = self.namespace_counters(&name);
-            let channel = Channel::new(
-                name,
-                loaded.record.id,
-                policy,
-                limits,
-                state,
-                loaded.dead_letters,
-                counters,
-            );
+            let channel = self.build_channel(name, policy, &loaded, dedup);
             channels.insert(loaded.name, Arc::new(channel));
         }
         Ok(())
+    }
+
+    /// A channel in memory at the position `loaded` reports.
+    fn build_channel(
+        &self,
+        name: ChannelName,
+        policy: NamespacePolicy,
+        loaded: &LoadedChannel,
+        dedup: Dedup,
+    ) -> Channel {
+        let state = ChannelState {
+            epoch: loaded.record.epoch.clone(),
+            assigned: loaded.last_seq,
+            first_seq: loaded.first_seq,
+            bytes: loaded.bytes,
+            head_record: HeadRecord {
+                last_seq: loaded.last_seq,
+                appended_bytes: loaded.bytes,
+            },
+            cache: Default::default(),
+            cache_bytes: 0,
+            dedup,
+            deleted: false,
+        };
+        let limits = self.cache_limits(&policy);
+        let counters = self.namespace_counters(&name);
+        Channel::new(
+            name,
+            loaded.record.id,
+            policy,
+            limits,
+            state,
+            loaded.dead_letters,
+            counters,
+        )
+    }
+
+    fn new_dedup(&self) -> Dedup {
+        let window_ms =
+            u64::try_from(self.config.server.dedup_window.as_millis()).unwrap_or(u64::MAX);
+        Dedup::new(window_ms, self.config.server.dedup_max)
     }
 
     fn cache_limits(&self, policy: &crate::config::NamespacePolicy) -> CacheLimits {
@@ -325,55 +351,71 @@ impl Broker {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The channel named `name`, created on first use.
+    /// The channel named `name`, created on first use. In a cluster the
+    /// first use on this node finds (or creates) it in the shared store.
     pub fn channel(&self, name: &ChannelName) -> Result<Arc<Channel>, BrokerError> {
-        let mut channels = lock(&self.channels);
-        if let Some(channel) = channels.get(name.as_str()) {
+        if let Some(channel) = lock(&self.channels).get(name.as_str()) {
             channel.touch(now_ms());
             return Ok(Arc::clone(channel));
         }
         let policy = self.config.policy(name.namespace()).clone();
-        let epoch = new_epoch();
-        let id = if policy.durable {
-            let id = self.next_channel_id.fetch_add(1, Ordering::Relaxed);
-            let record = ChannelRecord {
-                id,
-                epoch: epoch.clone(),
-                created_ms: now_ms(),
-            };
+        let shared = self.store.shared().filter(|_| policy.durable);
+        let mut loaded = match shared {
+            Some(shared) => {
+                shared.get_or_create_channel(name.as_str(), &new_epoch(), now_ms())?;
+                shared.load_channel(name.as_str())?.ok_or_else(|| {
+                    BrokerError::Unavailable(format!(
+                        "channel {name} was deleted on another node meanwhile; try again"
+                    ))
+                })?
+            }
+            None => LoadedChannel {
+                name: name.as_str().to_owned(),
+                record: ChannelRecord {
+                    id: 0,
+                    epoch: new_epoch(),
+                    created_ms: now_ms(),
+                },
+                first_seq: 1,
+                last_seq: 0,
+                bytes: 0,
+                dead_letters: 0,
+            },
+        };
+        let mut channels = lock(&self.channels);
+        if let Some(channel) = channels.get(name.as_str()) {
+            // Another request created it meanwhile.
+            return Ok(Arc::clone(channel));
+        }
+        if shared.is_none() && policy.durable {
+            loaded.record.id = self.next_channel_id.fetch_add(1, Ordering::Relaxed);
             // A small insert into sled's memory; it becomes durable with the
             // flush of the channel's first message.
-            self.store.put_channel(name.as_str(), &record)?;
-            id
-        } else {
-            0
-        };
-        let window_ms =
-            u64::try_from(self.config.server.dedup_window.as_millis()).unwrap_or(u64::MAX);
-        let state = ChannelState {
-            epoch,
-            assigned: 0,
-            first_seq: 1,
-            bytes: 0,
-            head_record: HeadRecord::default(),
-            cache: Default::default(),
-            cache_bytes: 0,
-            dedup: Dedup::new(window_ms, self.config.server.dedup_max),
-            deleted: false,
-        };
-        let limits = self.cache_limits(&policy);
-        let counters = self.namespace_counters(name);
-        let channel = Arc::new(Channel::new(
-            name.clone(),
-            id,
-            policy,
-            limits,
-            state,
-            0,
-            counters,
-        ));
+            self.store.put_channel(name.as_str(), &loaded.record)?;
+        }
+        let channel = Arc::new(self.build_channel(name.clone(), policy, &loaded, self.new_dedup()));
         channels.insert(name.as_str().to_owned(), Arc::clone(&channel));
         Ok(channel)
+    }
+
+    /// Whether the broker can serve: in a cluster, whether Redis answers.
+    pub async fn ready(&self) -> Result<(), BrokerError> {
+        if self.store.shared().is_none() {
+            return Ok(());
+        }
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || store.shared().map_or(Ok(()), |s| s.ping()))
+            .await
+            .map_err(|e| BrokerError::Internal(e.to_string()))??;
+        Ok(())
+    }
+
+    /// The channel in memory with store id `id` (a durable channel).
+    pub(crate) fn channel_by_id(&self, id: u64) -> Option<Arc<Channel>> {
+        lock(&self.channels)
+            .values()
+            .find(|c| c.id() == id && id != 0)
+            .cloned()
     }
 
     /// Every channel known to this broker, by name.
@@ -542,10 +584,13 @@ impl Broker {
         let broker = Arc::downgrade(self);
         let handler: crate::delivery::retry::RetryHandler = Arc::new(move |job: RetryJob| {
             crate::metrics::RETRIES_FIRED.inc();
-            if let Some(broker) = broker.upgrade()
-                && let Some(consumer) = broker.loaded_consumer(&job.channel, &job.consumer)
-            {
-                consumer.fire_due();
+            let Some(broker) = broker.upgrade() else {
+                return;
+            };
+            match broker.loaded_consumer(&job.channel, &job.consumer) {
+                Some(consumer) => consumer.fire_due(),
+                // In a cluster the consumer may be served by another node.
+                None => cluster::announce_retry(&broker.store, &job.channel, &job.consumer),
             }
         });
         let poll = self.config.retry.poll_interval;

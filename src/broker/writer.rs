@@ -14,6 +14,13 @@
 //! (then the writer is the only caller of [`Store::flush_durable`]);
 //! otherwise the flusher is, and under `"interval"` it acknowledges at once
 //! and flushes on a timer. Either way, one thread flushes.
+//!
+//! On the shared Redis store (cluster mode) Redis assigns the seqs: the
+//! writer sends each batch as one pipeline of append scripts, and a reply
+//! means Redis has the batch (durable as Redis' own `appendfsync` says).
+//! The writer then makes the batch visible in seq order, reading from the
+//! store what other nodes appended in between, and answers the publishers.
+//! The flusher thread idles.
 
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
@@ -28,6 +35,7 @@ use super::{BrokerError, PublishOutcome, now_ms};
 use crate::config::FsyncPolicy;
 use crate::metrics;
 use crate::protocol::Headers;
+use crate::storage::redis::{AppendItem, Appended};
 use crate::storage::{HeadRecord, MessageRecord, Store};
 
 /// Most requests the writer takes in one batch.
@@ -83,6 +91,7 @@ pub(crate) fn start(
     store: Arc<Store>,
     policy: FsyncPolicy,
     interval: Duration,
+    dedup_window_ms: u64,
     requests: mpsc::Receiver<WriterRequest>,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
     let (batches_tx, batches_rx) = std_mpsc::channel::<Vec<Done>>();
@@ -92,16 +101,18 @@ pub(crate) fn start(
         .spawn(move || flusher_loop(&flusher_store, policy, interval, &batches_rx))?;
     let writer = std::thread::Builder::new()
         .name("courier-writer".into())
-        .spawn(move || writer_loop(&store, policy, requests, &batches_tx))?;
+        .spawn(move || writer_loop(&store, policy, dedup_window_ms, requests, &batches_tx))?;
     Ok(vec![writer, flusher])
 }
 
 fn writer_loop(
     store: &Store,
     policy: FsyncPolicy,
+    dedup_window_ms: u64,
     mut requests: mpsc::Receiver<WriterRequest>,
     batches: &std_mpsc::Sender<Vec<Done>>,
 ) {
+    let shared = store.shared().is_some();
     let max_batch = if policy == FsyncPolicy::Always {
         1
     } else {
@@ -110,10 +121,12 @@ fn writer_loop(
     let mut stopping = false;
     while let Some(first) = requests.blocking_recv() {
         let mut done = Vec::with_capacity(64);
+        let mut appends = Vec::new();
         let mut deletes = Vec::new();
         let mut next = Some(first);
         while let Some(request) = next.take() {
             match request {
+                WriterRequest::Append(append) if shared => appends.push(append),
                 WriterRequest::Append(append) => {
                     if let Some(d) = append_one(store, append) {
                         done.push(d);
@@ -129,9 +142,21 @@ fn writer_loop(
                     }
                 }
             }
-            if done.len() < max_batch && !stopping {
+            if done.len() + appends.len() < max_batch && !stopping {
                 next = requests.try_recv().ok();
             }
+        }
+        if shared {
+            let mut all = append_shared(store, appends, dedup_window_ms);
+            all.append(&mut done);
+            for (name, id, reply) in deletes {
+                let _ = reply.send(store.delete_channel(&name, id));
+            }
+            complete(all, Ok(()));
+            if stopping {
+                return;
+            }
+            continue;
         }
         write_heads(store, &done);
         for (name, id, reply) in deletes {
@@ -246,6 +271,102 @@ fn append_one(store: &Store, request: AppendRequest) -> Option<Done> {
         reply,
         received,
     })
+}
+
+/// Cluster mode: appends a batch through Redis, which assigns the seqs and
+/// checks `msg_id`s, then makes each channel visible up to its new seqs
+/// (so `complete` finds them committed).
+fn append_shared(store: &Store, requests: Vec<AppendRequest>, dedup_window_ms: u64) -> Vec<Done> {
+    let Some(shared) = store.shared() else {
+        return Vec::new();
+    };
+    let ts = now_ms();
+    let mut accepted = Vec::with_capacity(requests.len());
+    for request in requests {
+        if request.channel.lock().deleted {
+            let _ = request.reply.send(Err(BrokerError::Unavailable(format!(
+                "channel {} was deleted by an operator while this publish waited; publish again",
+                request.channel.name()
+            ))));
+            continue;
+        }
+        let record = MessageRecord {
+            ts,
+            msg_id: request.msg_id.clone(),
+            headers: request.headers.clone(),
+            data: request.data.to_vec(),
+        };
+        accepted.push((request, record));
+    }
+    if accepted.is_empty() {
+        return Vec::new();
+    }
+    let items: Vec<AppendItem<'_>> = accepted
+        .iter()
+        .map(|(request, record)| AppendItem {
+            channel: request.channel.id(),
+            record,
+            dedup_window_ms,
+        })
+        .collect();
+    let appended = match shared.append_batch(&items) {
+        Ok(appended) => appended,
+        Err(e) => {
+            tracing::error!(error = %e, "append to the shared store failed");
+            for (request, _) in accepted {
+                let _ = request
+                    .reply
+                    .send(Err(BrokerError::Unavailable(format!("storage: {e}"))));
+            }
+            return Vec::new();
+        }
+    };
+    let mut done = Vec::with_capacity(accepted.len());
+    let mut fresh: Vec<(Arc<Channel>, Vec<Arc<Message>>)> = Vec::new();
+    for ((request, _), appended) in accepted.into_iter().zip(appended) {
+        let AppendRequest {
+            channel,
+            data,
+            headers,
+            reply,
+            received,
+            ..
+        } = request;
+        match appended {
+            Appended::Duplicate { seq } => done.push(Done::Duplicate { seq, reply }),
+            Appended::New { seq } => {
+                let message = Arc::new(Message {
+                    seq,
+                    ts,
+                    headers,
+                    data,
+                });
+                match fresh.iter_mut().find(|(c, _)| Arc::ptr_eq(c, &channel)) {
+                    Some((_, messages)) => messages.push(Arc::clone(&message)),
+                    None => fresh.push((Arc::clone(&channel), vec![Arc::clone(&message)])),
+                }
+                done.push(Done::New {
+                    channel,
+                    message,
+                    reply,
+                    received,
+                });
+            }
+        }
+    }
+    for (channel, mut messages) in fresh {
+        messages.sort_by_key(|m| m.seq);
+        let target = messages.last().map_or(0, |m| m.seq);
+        if let Err(e) = channel.catch_up(store, target, &messages) {
+            // Stored all the same; readers catch up on the next notice.
+            tracing::warn!(channel = %channel.name(), error = %e, "reading other nodes' appends failed");
+            let mut state = channel.lock();
+            for message in messages {
+                channel.commit_locked(&mut state, message);
+            }
+        }
+    }
+    done
 }
 
 /// Why a publish ends before it gets a seq.

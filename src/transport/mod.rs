@@ -202,6 +202,13 @@ async fn readyz(axum::extract::State(state): axum::extract::State<Arc<AppState>>
             "shutting down",
         );
     }
+    if let Err(e) = state.broker.ready().await {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            &e.to_string(),
+        );
+    }
     axum::Json(serde_json::json!({"status": "ready"})).into_response()
 }
 

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod sdk;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -202,6 +203,26 @@ impl ChildBroker {
 
     pub fn url(&self) -> String {
         format!("ws://{}/ws", self.addr)
+    }
+
+    /// An admin API client; `token` is the `[admin] token` of its config.
+    pub fn admin(&self, token: &str) -> Admin {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let found = self.log.lock().unwrap().iter().find_map(|line| {
+                let rest = line.split(" admin=").nth(1)?;
+                rest.split_whitespace().next().map(str::to_owned)
+            });
+            if let Some(addr) = found {
+                return Admin::new(format!("http://{addr}"), token);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "courier did not log its admin address:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGTERM: a graceful shutdown.
@@ -490,7 +511,8 @@ pub fn sub(channel: &str) -> Subscribe {
 pub struct RedisServer {
     child: Child,
     pub port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -506,7 +528,21 @@ impl RedisServer {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
             probe.local_addr().expect("addr").port()
         };
-        let child = Command::new("redis-server")
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        let child = Self::spawn(port, &dir, &extra);
+        // Built first, so a failed start still stops the process (on drop).
+        let server = Self {
+            child,
+            port,
+            dir,
+            extra,
+        };
+        server.wait_until_up();
+        server
+    }
+
+    fn spawn(port: u16, dir: &tempfile::TempDir, extra: &[String]) -> Child {
+        Command::new("redis-server")
             .args([
                 "--port",
                 &port.to_string(),
@@ -522,22 +558,30 @@ impl RedisServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server is installed (scripts/test.sh installs it)");
-        // Built first, so a failed start still stops the process (on drop).
-        let server = Self {
-            child,
-            port,
-            _dir: dir,
-        };
+            .expect("redis-server is installed (scripts/test.sh installs it)")
+    }
+
+    fn wait_until_up(&self) {
         let deadline = std::time::Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "redis-server did not start"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        server
+    }
+
+    /// SIGKILL: Redis stops at once (what it keeps is what its AOF has).
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port and directory (after [`Self::kill9`]).
+    pub fn start_again(&mut self) {
+        self.child = Self::spawn(self.port, &self.dir, &self.extra);
+        self.wait_until_up();
     }
 
     pub fn url(&self) -> String {

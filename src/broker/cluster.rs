@@ -1,0 +1,194 @@
+//! Cluster mode: what a node learns from the others through Redis.
+//!
+//! Every node appends to the shared store; the append pipeline publishes
+//! `"<channel id> <seq>"` on the store's notify channel (one notice per
+//! channel per batch). [`follow`] listens on one async pub/sub connection:
+//!
+//! - a notice for a channel this node has in memory makes the channel catch
+//!   up to that seq (one read of the missing range; the node's subscribers
+//!   then read from the channel's cache);
+//! - pub/sub may drop notices (a reconnect, a slow subscriber), so every
+//!   [`HEAD_POLL`] the node also compares the heads of the channels it has
+//!   subscribers for with the store's, and catches up after every reconnect;
+//! - events (`deleted <id> <name>`, `retry <channel> <consumer>`) carry what
+//!   an operator or a retry job did on another node.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::Broker;
+use crate::protocol::ChannelName;
+use crate::storage::Store;
+
+/// How often a node compares its subscribed channels' heads with the store.
+pub const HEAD_POLL: Duration = Duration::from_millis(500);
+
+/// How long a node waits before it reconnects its pub/sub connection.
+const RECONNECT: Duration = Duration::from_millis(500);
+
+/// Tells the other nodes that channel `name` (store id `id`) was deleted.
+pub(crate) async fn announce_deleted(store: &Arc<Store>, name: &str, id: u64) {
+    let (store, event) = (Arc::clone(store), format!("deleted {id} {name}"));
+    // A lost event costs at most stale memory on another node until it
+    // restarts; log it.
+    let result = tokio::task::spawn_blocking(move || announce(&store, &event)).await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "announcing a deleted channel failed");
+    }
+}
+
+/// Tells the other nodes that a retry of `consumer` on `channel` is due
+/// (the job fired on a node that does not serve that consumer). Blocking.
+pub(crate) fn announce_retry(store: &Store, channel: &str, consumer: &str) {
+    announce(store, &format!("retry {channel} {consumer}"));
+}
+
+fn announce(store: &Store, event: &str) {
+    let Some(shared) = store.shared() else {
+        return;
+    };
+    if let Err(e) = shared.publish_event(event) {
+        tracing::warn!(error = %e, %event, "announcing to the cluster failed");
+    }
+}
+
+/// Follows the other nodes until `cancel` fires.
+pub async fn follow(broker: Arc<Broker>, cancel: CancellationToken) {
+    let Some(shared) = broker.store.shared() else {
+        return;
+    };
+    let (url, notify, events) = (
+        shared.url().to_owned(),
+        shared.notify_channel(),
+        shared.events_channel(),
+    );
+    let mut connected_before = false;
+    while !cancel.is_cancelled() {
+        let pubsub = async {
+            let client = redis::Client::open(url.as_str())?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&notify).await?;
+            pubsub.subscribe(&events).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let pubsub = tokio::select! {
+            () = cancel.cancelled() => return,
+            p = tokio::time::timeout(Duration::from_secs(5), pubsub) => p,
+        };
+        let mut messages = match pubsub {
+            Ok(Ok(pubsub)) => pubsub.into_on_message(),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cluster notifications: cannot subscribe; retrying");
+                tokio::time::sleep(RECONNECT).await;
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!("cluster notifications: subscribing timed out; retrying");
+                continue;
+            }
+        };
+        if connected_before {
+            tracing::info!("cluster notifications: subscribed again");
+        }
+        connected_before = true;
+        // Whatever was published while this node was not listening.
+        poll_heads(&broker).await;
+        let mut tick = tokio::time::interval(HEAD_POLL);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = tick.tick() => poll_heads(&broker).await,
+                message = messages.next() => {
+                    let Some(message) = message else {
+                        tracing::warn!("cluster notifications: connection lost; reconnecting");
+                        break;
+                    };
+                    let Ok(payload) = message.get_payload::<String>() else { continue };
+                    if message.get_channel_name() == notify {
+                        on_notice(&broker, &payload).await;
+                    } else {
+                        on_event(&broker, &payload).await;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(RECONNECT).await;
+    }
+}
+
+/// `"<channel id> <seq>"`: another node appended up to `seq`.
+async fn on_notice(broker: &Arc<Broker>, payload: &str) {
+    let mut parts = payload.split(' ');
+    let (Some(Ok(id)), Some(Ok(seq))) = (
+        parts.next().map(str::parse::<u64>),
+        parts.next().map(str::parse::<u64>),
+    ) else {
+        return;
+    };
+    let Some(channel) = broker.channel_by_id(id) else {
+        return;
+    };
+    if channel.head() >= seq {
+        return;
+    }
+    let store = Arc::clone(&broker.store);
+    let result = tokio::task::spawn_blocking(move || channel.catch_up(&store, seq, &[])).await;
+    if let Ok(Err(e)) = result {
+        tracing::warn!(error = %e, "catching up with another node's appends failed");
+    }
+}
+
+/// `deleted <id> <name>` or `retry <channel> <consumer>`.
+async fn on_event(broker: &Arc<Broker>, payload: &str) {
+    let mut parts = payload.splitn(3, ' ');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("deleted"), Some(id), Some(name)) => {
+            let (Ok(id), Ok(name)) = (id.parse::<u64>(), ChannelName::new(name)) else {
+                return;
+            };
+            if broker.forget_channel(&name, Some(id)).is_some() {
+                tracing::info!(channel = %name, "channel deleted on another node");
+            }
+        }
+        (Some("retry"), Some(channel), Some(consumer)) => {
+            if let Some(consumer) = broker.loaded_consumer(channel, consumer) {
+                consumer.fire_due();
+            }
+        }
+        _ => tracing::debug!(payload, "unknown cluster event"),
+    }
+}
+
+/// Catches up every channel with subscribers on this node whose head in
+/// the store is ahead.
+async fn poll_heads(broker: &Arc<Broker>) {
+    let channels: Vec<_> = broker
+        .channels()
+        .into_iter()
+        .filter(|c| c.is_durable() && c.subscribers() > 0)
+        .collect();
+    if channels.is_empty() {
+        return;
+    }
+    let store = Arc::clone(&broker.store);
+    let result = tokio::task::spawn_blocking(move || {
+        let Some(shared) = store.shared() else {
+            return Ok(());
+        };
+        let ids: Vec<u64> = channels.iter().map(|c| c.id()).collect();
+        let heads = shared.heads(&ids)?;
+        for (channel, head) in channels.iter().zip(heads) {
+            if head > channel.head() {
+                channel.catch_up(&store, head, &[])?;
+            }
+        }
+        Ok::<_, crate::storage::StoreError>(())
+    })
+    .await;
+    if let Ok(Err(e)) = result {
+        tracing::debug!(error = %e, "polling channel heads failed");
+    }
+}

@@ -1,0 +1,320 @@
+//! Cluster mode: several `courier serve` processes sharing one real
+//! `redis-server` (started by the test on a free loopback port). Messages
+//! published on one node reach subscribers on the others in order; SDK
+//! clients of a node killed with SIGKILL resume on another with nothing
+//! lost; a Redis restart makes the nodes unavailable, then they recover on
+//! their own.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::sdk::{consume, seen_all};
+use common::{ChildBroker, Client, RedisServer, WAIT, http, sub};
+use courier::client::Backoff;
+use courier::protocol::{Codec, ErrorCode, StartFrom, Subscribe};
+use futures_util::StreamExt;
+
+const ADMIN_TOKEN: &str = "cluster-test-admin-token";
+
+/// A node's config: storage and retry queue on `redis`.
+fn node_config(redis: &RedisServer) -> String {
+    format!(
+        "[storage]\nbackend = \"redis\"\nredis_url = \"{url}\"\nprefix = \"test\"\n\n\
+         [admin]\ntoken = \"{ADMIN_TOKEN}\"\n",
+        url = redis.url()
+    )
+}
+
+/// `count` nodes, each in its own directory under `dir`.
+fn start_nodes(dir: &std::path::Path, redis: &RedisServer, count: usize) -> Vec<ChildBroker> {
+    (0..count)
+        .map(|i| {
+            let node_dir = dir.join(format!("node{i}"));
+            std::fs::create_dir_all(&node_dir).unwrap();
+            ChildBroker::start(&node_dir, &node_config(redis))
+        })
+        .collect()
+}
+
+fn from_first(channel: &str, consumer: &str) -> Subscribe {
+    Subscribe {
+        consumer: Some(consumer.into()),
+        from: Some(StartFrom::First),
+        ..sub(channel)
+    }
+}
+
+/// A quick reconnect schedule for tests.
+fn fast_reconnect() -> Backoff {
+    Backoff {
+        base: Duration::from_millis(50),
+        max: Duration::from_millis(500),
+        jitter: 0.2,
+    }
+}
+
+#[tokio::test]
+async fn a_publish_on_one_node_reaches_subscribers_on_the_others_in_order() {
+    const COUNT: u64 = 300;
+    const CHANNEL: &str = "room:cluster";
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_nodes(dir.path(), &redis, 3);
+
+    let mut on_2 = Client::connect(&nodes[1].url(), Codec::MsgPack).await;
+    let mut on_3 = Client::connect(&nodes[2].url(), Codec::Json).await;
+    on_2.subscribe(from_first(CHANNEL, "two")).await;
+    on_3.subscribe(from_first(CHANNEL, "three")).await;
+    let mut publisher = Client::connect(&nodes[0].url(), Codec::MsgPack).await;
+    for i in 1..=COUNT {
+        let seq = publisher
+            .publish(CHANNEL, format!("message {i}").as_bytes())
+            .await;
+        assert_eq!(seq, i, "seqs are gapless across the cluster");
+    }
+    for (who, client) in [("node 2", &mut on_2), ("node 3", &mut on_3)] {
+        let got = client.deliveries(usize::try_from(COUNT).unwrap()).await;
+        let seqs: Vec<u64> = got.iter().map(|(seq, _, _)| *seq).collect();
+        assert_eq!(seqs, (1..=COUNT).collect::<Vec<_>>(), "{who}: in order");
+        for (seq, data, _) in &got {
+            assert_eq!(data, format!("message {seq}").as_bytes(), "{who}");
+        }
+    }
+    on_3.ack(CHANNEL, (1..=COUNT).collect()).await;
+    on_3.sync().await;
+
+    // Node 1's admin API sees the acks made on node 3, and node 2's
+    // consumer, which acked nothing, at its full lag.
+    let admin = nodes[0].admin(ADMIN_TOKEN);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let detail = admin.get(&format!("/admin/channels/{CHANNEL}")).await;
+        let consumer = |name: &str| {
+            detail["consumers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name)
+                .cloned()
+        };
+        let (three, two) = (consumer("c/three"), consumer("c/two"));
+        if let (Some(three), Some(two)) = (&three, &two)
+            && three["floor"] == COUNT
+        {
+            assert_eq!(three["lag"], 0, "{detail}");
+            assert_eq!(two["floor"], 0, "{detail}");
+            assert_eq!(detail["last_seq"], COUNT, "{detail}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node 1 never saw node 3's acks: {detail}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn sdk_clients_of_a_killed_node_resume_on_another_and_lose_nothing() {
+    const COUNT: usize = 2000;
+    const CHANNEL: &str = "orders:cluster";
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start_nodes(dir.path(), &redis, 3);
+    let urls: Vec<String> = nodes.iter().map(ChildBroker::url).collect();
+    let connect = |name: &str| {
+        courier::client::Client::builder(urls[0].clone())
+            .fallback(urls[1].clone())
+            .fallback(urls[2].clone())
+            .name(name)
+            .request_timeout(Duration::from_secs(30))
+            .reconnect(fast_reconnect())
+            .connect()
+    };
+    let publisher = connect("publisher").await.unwrap();
+    let reader = connect("reader").await.unwrap();
+    let subscription = reader
+        .subscribe(CHANNEL)
+        .consumer("reader")
+        .from_first()
+        .max_in_flight(100)
+        .await
+        .unwrap();
+    let mut seen = consume(subscription);
+    // A reader on a node that survives sees the killed node's publishes too.
+    let remote = courier::client::Client::connect(urls[2].clone())
+        .await
+        .unwrap();
+    let subscription = remote
+        .subscribe(CHANNEL)
+        .consumer("remote")
+        .from_first()
+        .await
+        .unwrap();
+    let mut remote_seen = consume(subscription);
+
+    let (progress, mut acked_so_far) = tokio::sync::watch::channel(0usize);
+    let publishing = tokio::spawn({
+        let publisher = publisher.clone();
+        async move {
+            futures_util::stream::iter(0..COUNT)
+                .map(|i| {
+                    let (publisher, progress) = (publisher.clone(), progress.clone());
+                    async move {
+                        let data = Bytes::from(format!("order {i:05}"));
+                        let seq = publisher.publish(CHANNEL, data.clone()).await;
+                        let seq = seq.unwrap_or_else(|e| panic!("publish {i}: {e}"));
+                        progress.send_modify(|n| *n += 1);
+                        (data, seq)
+                    }
+                })
+                .buffer_unordered(64)
+                .collect::<Vec<(Bytes, u64)>>()
+                .await
+        }
+    });
+    tokio::time::timeout(WAIT, acked_so_far.wait_for(|n| *n >= COUNT / 3))
+        .await
+        .expect("a third pubacked in time")
+        .unwrap();
+    nodes.remove(0).kill9();
+
+    let results = tokio::time::timeout(Duration::from_secs(90), publishing)
+        .await
+        .expect("publishing finishes in time")
+        .expect("every publish gets its puback");
+    let mut pubacked = BTreeMap::new();
+    for (data, seq) in results {
+        assert!(
+            pubacked.insert(seq, data).is_none(),
+            "seq {seq} pubacked twice"
+        );
+    }
+    assert_eq!(pubacked.len(), COUNT);
+    seen_all(&mut seen, &pubacked, "reader").await;
+    seen_all(&mut remote_seen, &pubacked, "reader on node 3").await;
+
+    // Stored exactly once each: a fresh consumer on the last node reads all.
+    let auditor = courier::client::Client::connect(urls[2].clone())
+        .await
+        .unwrap();
+    let mut audit = auditor
+        .subscribe(CHANNEL)
+        .consumer("audit")
+        .from_first()
+        .await
+        .unwrap();
+    assert_eq!(audit.last_seq(), u64::try_from(COUNT).unwrap());
+    let mut stored = BTreeMap::new();
+    while stored.len() < COUNT {
+        let delivery = tokio::time::timeout(WAIT, audit.next())
+            .await
+            .expect("a delivery in time")
+            .expect("open");
+        delivery.ack().await.unwrap();
+        stored.insert(delivery.seq, delivery.data);
+    }
+    let unique: BTreeSet<&Bytes> = stored.values().collect();
+    assert_eq!(unique.len(), COUNT, "a payload was stored twice");
+    assert_eq!(stored, pubacked, "every puback names the stored message");
+    for client in [publisher, reader, remote, auditor] {
+        client.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_redis_restart_makes_nodes_unavailable_then_they_recover_with_nothing_lost() {
+    const CHANNEL: &str = "jobs:restart";
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_nodes(dir.path(), &redis, 2);
+    let mut publisher = Client::connect(&nodes[0].url(), Codec::Json).await;
+    let mut reader = Client::connect(&nodes[1].url(), Codec::MsgPack).await;
+    reader.subscribe(from_first(CHANNEL, "reader")).await;
+    for i in 1..=50u64 {
+        assert_eq!(publisher.publish(CHANNEL, b"before").await, i);
+    }
+    let got = reader.deliveries(50).await;
+    reader
+        .ack(CHANNEL, got.iter().map(|(seq, _, _)| *seq).collect())
+        .await;
+
+    redis.kill9();
+    // A publish now is refused as unavailable, and readiness fails.
+    publisher
+        .send(&courier::protocol::ClientFrame::Publish(
+            courier::protocol::Publish {
+                id: 999,
+                channel: CHANNEL.into(),
+                data: Some(courier::protocol::Payload(Bytes::from_static(b"lost"))),
+                ..Default::default()
+            },
+        ))
+        .await;
+    let refused = publisher.error().await;
+    assert_eq!(refused.code, ErrorCode::Unavailable, "{refused:?}");
+    assert_eq!(refused.id, Some(999));
+    for node in &nodes {
+        let ready = http::get(node.addr, "/readyz").await;
+        assert_eq!(ready.status, 503, "readyz with Redis down");
+        assert_eq!(ready.json()["code"], "unavailable");
+    }
+
+    redis.start_again();
+    for node in &nodes {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while http::get(node.addr, "/readyz").await.status != 200 {
+            assert!(tokio::time::Instant::now() < deadline, "no recovery");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // The same connections work again; the AOF kept every pubacked message.
+    for i in 51..=80u64 {
+        assert_eq!(publisher.publish(CHANNEL, b"after").await, i);
+    }
+    let got = reader.deliveries(30).await;
+    let seqs: Vec<u64> = got.iter().map(|(seq, _, _)| *seq).collect();
+    assert_eq!(seqs, (51..=80).collect::<Vec<_>>());
+    let mut audit = Client::connect(&nodes[1].url(), Codec::Json).await;
+    audit.subscribe(from_first(CHANNEL, "audit")).await;
+    let all = audit.deliveries(80).await;
+    let payloads: Vec<&[u8]> = all.iter().map(|(_, data, _)| data.as_slice()).collect();
+    assert_eq!(all.len(), 80);
+    assert!(payloads[..50].iter().all(|d| *d == b"before"));
+    assert!(payloads[50..].iter().all(|d| *d == b"after"));
+}
+
+#[test]
+fn a_node_that_cannot_reach_redis_at_start_says_so_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let config = dir.path().join("courier.toml");
+    std::fs::write(
+        &config,
+        format!("[storage]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:{port}/\"\n"),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+}
