@@ -82,6 +82,7 @@ impl Server {
             }
         };
         let admin_addr = admin_listener.local_addr()?;
+        broker.node().set_addresses(addr, admin_addr);
         let (admin_token, source) =
             resolve_token(config.admin.token.as_deref(), &config.server.data_dir)?;
         let cancel = CancellationToken::new();
@@ -107,6 +108,10 @@ impl Server {
             );
         }
         tracing::info!(%addr, data_dir = %config.server.data_dir.display(), fsync = %config.server.fsync, "courier listening");
+        if config.storage.backend == crate::config::StorageBackend::Redis {
+            tracing::info!(node = %broker.node().id(), prefix = %config.storage.prefix,
+                "cluster node: channels, consumers and the retry queue are on Redis");
+        }
         tracing::info!(admin = %admin_addr, "admin API, /metrics and the dashboard at http://{admin_addr}/admin/ui");
         match source {
             TokenSource::Generated => tracing::warn!(
@@ -304,7 +309,11 @@ fn spawn_background(
         Arc::clone(broker),
         cancel.clone(),
     ));
-    vec![persist, retention, stats, follow]
+    let heartbeat = tracker.spawn(crate::broker::cluster::heartbeat(
+        Arc::clone(broker),
+        cancel.clone(),
+    ));
+    vec![persist, retention, stats, follow, heartbeat]
 }
 
 /// A future that resolves on SIGINT (Ctrl-C) or SIGTERM.

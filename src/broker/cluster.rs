@@ -23,6 +23,130 @@ use super::Broker;
 use crate::protocol::ChannelName;
 use crate::storage::Store;
 
+/// How often a node renews its membership and its consumer leases.
+pub const NODE_BEAT: Duration = Duration::from_secs(1);
+
+/// How long a membership or a consumer lease lasts without renewal: a node
+/// that dies is out of the cluster (its presence gone, its consumers free
+/// for another node) within two beats of its last one, plus one.
+pub const NODE_LEASE: Duration = Duration::from_secs(3);
+
+/// This node: a random id, fixed for the run, and the addresses it serves
+/// (known once the listeners are bound).
+#[derive(Debug)]
+pub struct Node {
+    id: String,
+    addresses: std::sync::OnceLock<NodeInfo>,
+}
+
+/// A node as the cluster's membership lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeInfo {
+    pub id: String,
+    /// Its public listener (WebSocket, SSE, HTTP).
+    pub listen: String,
+    /// Its admin listener.
+    pub admin: String,
+    /// When it started, ms since the Unix epoch.
+    pub started_ms: u64,
+}
+
+impl Node {
+    pub(crate) fn new() -> Self {
+        let bytes: [u8; 6] = rand::random();
+        Self {
+            id: bytes.iter().map(|b| format!("{b:02x}")).collect(),
+            addresses: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The node id: unique per run.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Records where this node listens (once; later calls are ignored).
+    pub fn set_addresses(&self, listen: std::net::SocketAddr, admin: std::net::SocketAddr) {
+        let _ = self.addresses.set(NodeInfo {
+            id: self.id.clone(),
+            listen: listen.to_string(),
+            admin: admin.to_string(),
+            started_ms: super::now_ms(),
+        });
+    }
+
+    /// This node as the membership lists it.
+    pub fn info(&self) -> NodeInfo {
+        self.addresses.get().cloned().unwrap_or_else(|| NodeInfo {
+            id: self.id.clone(),
+            listen: String::new(),
+            admin: String::new(),
+            started_ms: 0,
+        })
+    }
+}
+
+/// The live nodes of the cluster (just this one on sled). Blocking.
+pub fn live_nodes(broker: &Broker) -> Result<Vec<NodeInfo>, crate::storage::StoreError> {
+    let Some(shared) = broker.store.shared() else {
+        return Ok(vec![broker.node.info()]);
+    };
+    Ok(shared
+        .live_nodes()?
+        .into_iter()
+        .map(|(id, info)| {
+            serde_json::from_str(&info).unwrap_or(NodeInfo {
+                id,
+                listen: String::new(),
+                admin: String::new(),
+                started_ms: 0,
+            })
+        })
+        .collect())
+}
+
+/// Renews this node's membership every [`NODE_BEAT`] until `cancel` fires,
+/// then leaves the cluster.
+pub async fn heartbeat(broker: Arc<Broker>, cancel: CancellationToken) {
+    if broker.store.shared().is_none() {
+        return;
+    }
+    let mut tick = tokio::time::interval(NODE_BEAT);
+    let lease_ms = u64::try_from(NODE_LEASE.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let b = Arc::clone(&broker);
+        let beat = tokio::task::spawn_blocking(move || {
+            let Some(shared) = b.store.shared() else {
+                return Ok(Vec::new());
+            };
+            let info = serde_json::to_string(&b.node.info()).unwrap_or_default();
+            shared.node_heartbeat(b.node.id(), &info, lease_ms)
+        })
+        .await;
+        match beat {
+            Ok(Ok(dead)) => {
+                for id in dead {
+                    tracing::warn!(node = %id, "a cluster node stopped renewing its membership");
+                    broker.node_gone(&id);
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "renewing cluster membership failed"),
+            Err(e) => tracing::warn!(error = %e, "renewing cluster membership failed"),
+        }
+    }
+    let b = Arc::clone(&broker);
+    let _ = tokio::task::spawn_blocking(move || {
+        b.store
+            .shared()
+            .map(|shared| shared.node_leave(b.node.id()))
+    })
+    .await;
+}
+
 /// How often a node compares its subscribed channels' heads with the store.
 pub const HEAD_POLL: Duration = Duration::from_millis(500);
 
@@ -156,6 +280,11 @@ async fn on_event(broker: &Arc<Broker>, payload: &str) {
         (Some("retry"), Some(channel), Some(consumer)) => {
             if let Some(consumer) = broker.loaded_consumer(channel, consumer) {
                 consumer.fire_due();
+            }
+        }
+        (Some("presence"), _, _) => {
+            if let Some(rest) = payload.strip_prefix("presence ") {
+                super::presence::on_event(broker, rest);
             }
         }
         _ => tracing::debug!(payload, "unknown cluster event"),

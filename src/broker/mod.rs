@@ -7,6 +7,7 @@
 pub mod admin;
 mod channel;
 pub mod cluster;
+mod presence;
 mod writer;
 
 use std::collections::HashMap;
@@ -150,6 +151,8 @@ pub struct Broker {
     auth: crate::auth::Auth,
     /// Rate and connection limits.
     limits: crate::limits::Limits,
+    /// This node: its id in the cluster and the addresses it serves.
+    node: cluster::Node,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -202,6 +205,7 @@ impl Broker {
             started_ms: now_ms(),
             auth,
             limits,
+            node: cluster::Node::new(),
         };
         let lossy_crash = broker
             .store
@@ -396,6 +400,18 @@ impl Broker {
         let channel = Arc::new(self.build_channel(name.clone(), policy, &loaded, self.new_dedup()));
         channels.insert(name.as_str().to_owned(), Arc::clone(&channel));
         Ok(channel)
+    }
+
+    /// Another node left the cluster (its lease ran out): what it held
+    /// here is let go. (Presence and remote subscriptions hook in here.)
+    pub(crate) fn node_gone(&self, id: &str) {
+        tracing::debug!(node = %id, "forgetting what a departed node held");
+        presence::node_gone(self, id);
+    }
+
+    /// This node of the cluster (a single node has an id too).
+    pub fn node(&self) -> &cluster::Node {
+        &self.node
     }
 
     /// Whether the broker can serve: in a cluster, whether Redis answers.

@@ -1083,6 +1083,179 @@ impl RedisStore {
     }
 }
 
+/// Renews a node's membership and drops members whose lease ran out, by
+/// Redis' own clock (nodes' clocks may differ).
+const NODE_BEAT_LUA: &str = r"
+-- KEYS: nodes (zset id -> expiry ms), info (hash id -> json); ARGV: id, info, lease ms
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, id in ipairs(dead) do
+  if id ~= ARGV[1] then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('HDEL', KEYS[2], id)
+  end
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return dead
+";
+
+/// The live members: ids whose lease has not run out, with their info.
+const NODES_LUA: &str = r"
+-- KEYS: nodes, info
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
+local out = {}
+for _, id in ipairs(ids) do
+  table.insert(out, id)
+  table.insert(out, redis.call('HGET', KEYS[2], id) or '')
+end
+return out
+";
+
+/// Takes (or keeps) a lease: `ARGV[1]` when free or already its holder's.
+/// Returns the holder.
+const LEASE_LUA: &str = r"
+-- KEYS: lease; ARGV: holder, lease ms
+local holder = redis.call('GET', KEYS[1])
+if (not holder) or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return ARGV[1]
+end
+return holder
+";
+
+/// Gives a lease back if `ARGV[1]` holds it.
+const RELEASE_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// Cluster membership and consumer ownership.
+impl RedisStore {
+    fn nodes_keys(&self) -> (String, String) {
+        (
+            format!("{}:nodes", self.prefix),
+            format!("{}:node_info", self.prefix),
+        )
+    }
+
+    /// The pub/sub channel on which node `id` receives messages from the
+    /// other nodes.
+    pub fn node_channel(&self, id: &str) -> String {
+        format!("{}:node:{id}", self.prefix)
+    }
+
+    /// Renews node `id`'s membership for `lease_ms` with its `info`, and
+    /// returns the ids of members whose lease ran out (now removed).
+    pub fn node_heartbeat(
+        &self,
+        id: &str,
+        info: &str,
+        lease_ms: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        let (nodes, infos) = self.nodes_keys();
+        let script = Script::new(NODE_BEAT_LUA);
+        self.run(|con| {
+            script
+                .key(&nodes)
+                .key(&infos)
+                .arg(id)
+                .arg(info)
+                .arg(lease_ms)
+                .invoke(con)
+        })
+    }
+
+    /// The live members, `(id, info)`.
+    pub fn live_nodes(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let (nodes, infos) = self.nodes_keys();
+        let script = Script::new(NODES_LUA);
+        let flat: Vec<String> = self.run(|con| script.key(&nodes).key(&infos).invoke(con))?;
+        Ok(flat
+            .chunks_exact(2)
+            .map(|pair| (pair[0].clone(), pair[1].clone()))
+            .collect())
+    }
+
+    /// Node `id` leaves the cluster (a graceful stop).
+    pub fn node_leave(&self, id: &str) -> Result<(), StoreError> {
+        let (nodes, infos) = self.nodes_keys();
+        self.run(|con| {
+            redis::pipe()
+                .cmd("ZREM")
+                .arg(&nodes)
+                .arg(id)
+                .cmd("HDEL")
+                .arg(&infos)
+                .arg(id)
+                .exec(con)
+        })
+    }
+
+    fn lease_key(&self, channel: u64, consumer: &str) -> String {
+        format!("{}:owner:{channel}:{consumer}", self.prefix)
+    }
+
+    /// Takes or renews the lease on consumer `consumer` of channel
+    /// `channel` for node `node`; returns the node that holds it.
+    pub fn lease_consumer(
+        &self,
+        channel: u64,
+        consumer: &str,
+        node: &str,
+        lease_ms: u64,
+    ) -> Result<String, StoreError> {
+        let key = self.lease_key(channel, consumer);
+        let script = Script::new(LEASE_LUA);
+        self.run(|con| script.key(&key).arg(node).arg(lease_ms).invoke(con))
+    }
+
+    /// Renews node `node`'s leases on `consumers` `(channel, key)`; returns
+    /// for each whether `node` still holds it.
+    pub fn renew_leases(
+        &self,
+        consumers: &[(u64, String)],
+        node: &str,
+        lease_ms: u64,
+    ) -> Result<Vec<bool>, StoreError> {
+        if consumers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let script = Script::new(LEASE_LUA);
+        let keys: Vec<String> = consumers
+            .iter()
+            .map(|(channel, key)| self.lease_key(*channel, key))
+            .collect();
+        let holders: Vec<String> = self.run(|con| {
+            let mut pipe = redis::pipe();
+            // Pipelined scripts run as EVALSHA only: load it first.
+            pipe.cmd("SCRIPT").arg("LOAD").arg(LEASE_LUA).ignore();
+            for key in &keys {
+                pipe.invoke_script(script.key(key).arg(node).arg(lease_ms));
+            }
+            pipe.query(con)
+        })?;
+        Ok(holders.iter().map(|h| h == node).collect())
+    }
+
+    /// Gives back node `node`'s lease on a consumer (when it holds it).
+    pub fn release_consumer(
+        &self,
+        channel: u64,
+        consumer: &str,
+        node: &str,
+    ) -> Result<(), StoreError> {
+        let key = self.lease_key(channel, consumer);
+        let script = Script::new(RELEASE_LUA);
+        self.run(|con| script.key(&key).arg(node).invoke::<()>(con))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{BufRead, BufReader};
