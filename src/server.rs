@@ -313,6 +313,11 @@ fn spawn_background(
         Arc::clone(broker),
         cancel.clone(),
     ));
+    if let Some(url) = broker.store().shared().map(|s| s.url().to_owned()) {
+        // Not on the tracker: it outlives the background tasks, to deliver
+        // what the broker's shutdown tells the other nodes.
+        tokio::spawn(Arc::clone(broker.relays()).run_sender(url));
+    }
     vec![persist, retention, stats, follow, heartbeat]
 }
 

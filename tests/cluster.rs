@@ -318,3 +318,162 @@ fn a_node_that_cannot_reach_redis_at_start_says_so_and_exits() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
 }
+
+/// One member of a queue group: acks what it gets (nacking its first
+/// delivery when `nack_first`), until the group has acked `total`.
+async fn group_member(
+    mut client: Client,
+    channel: &'static str,
+    total: usize,
+    acked: std::sync::Arc<std::sync::Mutex<Vec<(usize, u64)>>>,
+    me: usize,
+    nack_first: bool,
+) -> usize {
+    let mut nacked = !nack_first;
+    let mut received = 0;
+    loop {
+        if acked.lock().unwrap().len() >= total {
+            return received;
+        }
+        let frame = tokio::time::timeout(Duration::from_millis(200), client.recv()).await;
+        let seqs: Vec<u64> = match frame {
+            Ok(courier::protocol::ServerFrame::Msg(m)) => vec![m.seq],
+            Ok(courier::protocol::ServerFrame::Msgs(m)) => m.items.iter().map(|i| i.seq).collect(),
+            Ok(_) | Err(_) => continue,
+        };
+        received += seqs.len();
+        let mut to_ack = Vec::new();
+        for seq in seqs {
+            if nacked {
+                to_ack.push(seq);
+            } else {
+                nacked = true;
+                client
+                    .send(&courier::protocol::ClientFrame::Nack(
+                        courier::protocol::Nack {
+                            id: None,
+                            channel: channel.into(),
+                            seq,
+                            delay_ms: Some(0),
+                        },
+                    ))
+                    .await;
+            }
+        }
+        if !to_ack.is_empty() {
+            acked
+                .lock()
+                .unwrap()
+                .extend(to_ack.iter().map(|seq| (me, *seq)));
+            client.ack(channel, to_ack).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_queue_group_spread_over_three_nodes_acks_each_message_once() {
+    const COUNT: usize = 300;
+    const CHANNEL: &str = "work:cluster";
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_nodes(dir.path(), &redis, 3);
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut members = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let mut client = Client::connect(&node.url(), Codec::MsgPack).await;
+        client
+            .subscribe(Subscribe {
+                group: Some("workers".into()),
+                max_in_flight: Some(4),
+                ..sub(CHANNEL)
+            })
+            .await;
+        // The member on node 3 nacks its first delivery: it must come back
+        // (to any member) and be acked once all the same.
+        members.push(tokio::spawn(group_member(
+            client,
+            CHANNEL,
+            COUNT,
+            std::sync::Arc::clone(&acked),
+            i,
+            i == 2,
+        )));
+    }
+    let mut publisher = Client::connect(&nodes[0].url(), Codec::MsgPack).await;
+    for i in 1..=COUNT {
+        publisher
+            .publish(CHANNEL, format!("job {i}").as_bytes())
+            .await;
+    }
+    let mut received = Vec::new();
+    for member in members {
+        let got = tokio::time::timeout(Duration::from_secs(60), member)
+            .await
+            .expect("the group acks everything in time")
+            .unwrap();
+        received.push(got);
+    }
+    let acked = acked.lock().unwrap().clone();
+    let mut by_seq: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+    for (member, seq) in &acked {
+        by_seq.entry(*seq).or_default().push(*member);
+    }
+    let twice: Vec<_> = by_seq.iter().filter(|(_, m)| m.len() > 1).collect();
+    assert!(twice.is_empty(), "acked more than once: {twice:?}");
+    assert_eq!(
+        by_seq.keys().copied().collect::<Vec<_>>(),
+        (1..=u64::try_from(COUNT).unwrap()).collect::<Vec<_>>()
+    );
+    for (member, got) in received.iter().enumerate() {
+        assert!(
+            *got > 0,
+            "member on node {} got nothing: {received:?}",
+            member + 1
+        );
+    }
+}
+
+#[tokio::test]
+async fn when_the_node_serving_a_consumer_dies_its_remote_members_move_on() {
+    const COUNT: usize = 600;
+    const CHANNEL: &str = "feed:owner";
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start_nodes(dir.path(), &redis, 3);
+    let urls: Vec<String> = nodes.iter().map(ChildBroker::url).collect();
+    // Node 1 serves consumer "shared" (its first subscriber is there)…
+    let mut first = Client::connect(&urls[0], Codec::MsgPack).await;
+    first.subscribe(from_first(CHANNEL, "shared")).await;
+    // …and an SDK client on node 2 reads it through node 1.
+    let reader = courier::client::Client::builder(urls[1].clone())
+        .fallback(urls[2].clone())
+        .reconnect(fast_reconnect())
+        .request_timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .unwrap();
+    let subscription = reader
+        .subscribe(CHANNEL)
+        .consumer("shared")
+        .from_first()
+        .await
+        .unwrap();
+    let mut seen = consume(subscription);
+    let publisher = courier::client::Client::connect(urls[2].clone())
+        .await
+        .unwrap();
+    let mut pubacked = BTreeMap::new();
+    for i in 0..COUNT {
+        if i == COUNT / 3 {
+            nodes.remove(0).kill9();
+        }
+        let data = Bytes::from(format!("item {i:04}"));
+        let seq = publisher.publish(CHANNEL, data.clone()).await.unwrap();
+        pubacked.insert(seq, data);
+    }
+    seen_all(&mut seen, &pubacked, "remote member").await;
+    drop(first);
+    for client in [reader, publisher] {
+        client.close().await;
+    }
+}

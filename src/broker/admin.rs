@@ -363,6 +363,7 @@ impl Broker {
                 channel: name.as_str().to_owned(),
             });
         }
+        self.relays().end_channel(name.as_str());
         Some(channel)
     }
 

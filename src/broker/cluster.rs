@@ -131,11 +131,14 @@ pub async fn heartbeat(broker: Arc<Broker>, cancel: CancellationToken) {
             Ok(Ok(dead)) => {
                 for id in dead {
                     tracing::warn!(node = %id, "a cluster node stopped renewing its membership");
-                    broker.node_gone(&id);
+                    broker.node_gone(&id).await;
                 }
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "renewing cluster membership failed"),
             Err(e) => tracing::warn!(error = %e, "renewing cluster membership failed"),
+        }
+        if let Err(e) = broker.renew_leases().await {
+            tracing::warn!(error = %e, "renewing consumer leases failed");
         }
     }
     let b = Arc::clone(&broker);
@@ -184,10 +187,11 @@ pub async fn follow(broker: Arc<Broker>, cancel: CancellationToken) {
     let Some(shared) = broker.store.shared() else {
         return;
     };
-    let (url, notify, events) = (
+    let (url, notify, events, inbox) = (
         shared.url().to_owned(),
         shared.notify_channel(),
         shared.events_channel(),
+        shared.node_channel(broker.node.id()),
     );
     let mut connected_before = false;
     while !cancel.is_cancelled() {
@@ -196,6 +200,7 @@ pub async fn follow(broker: Arc<Broker>, cancel: CancellationToken) {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&notify).await?;
             pubsub.subscribe(&events).await?;
+            pubsub.subscribe(&inbox).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };
         let pubsub = tokio::select! {
@@ -230,8 +235,13 @@ pub async fn follow(broker: Arc<Broker>, cancel: CancellationToken) {
                         tracing::warn!("cluster notifications: connection lost; reconnecting");
                         break;
                     };
+                    let from = message.get_channel_name();
+                    if from == inbox {
+                        crate::session::relay::on_message(&broker, message.get_payload_bytes()).await;
+                        continue;
+                    }
                     let Ok(payload) = message.get_payload::<String>() else { continue };
-                    if message.get_channel_name() == notify {
+                    if from == notify {
                         on_notice(&broker, &payload).await;
                     } else {
                         on_event(&broker, &payload).await;

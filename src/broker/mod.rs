@@ -30,7 +30,7 @@ use crate::delivery::retry::{RetryError, RetryJob, RetryQueue};
 use crate::delivery::{Consumer, ConsumerMode, ConsumerState, RetryPolicy, SubscriptionId};
 use crate::protocol::{AckMode, ChannelName, ErrorCode, Headers, StartFrom};
 use crate::session::access::INBOX;
-use crate::session::registry::Connections;
+use crate::session::registry::{Connections, Control};
 use crate::storage::{
     ChannelRecord, DeadLetterRecord, HeadRecord, LoadedChannel, Store, StoreError,
 };
@@ -48,6 +48,10 @@ pub enum BrokerError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// Cluster mode: the consumer is served by another node (its id); the
+    /// session subscribes through that node (see `session::relay`).
+    #[error("the consumer is served by node {0}")]
+    Elsewhere(String),
 }
 
 impl BrokerError {
@@ -59,6 +63,7 @@ impl BrokerError {
             Self::Conflict(_) => ErrorCode::Conflict,
             Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::Internal(_) => ErrorCode::Internal,
+            Self::Elsewhere(_) => ErrorCode::Unavailable,
         }
     }
 }
@@ -153,6 +158,8 @@ pub struct Broker {
     limits: crate::limits::Limits,
     /// This node: its id in the cluster and the addresses it serves.
     node: cluster::Node,
+    /// Subscriptions served by or for other nodes.
+    relays: Arc<crate::session::relay::Relays>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -191,6 +198,7 @@ impl Broker {
             writer_rx,
         )
         .map_err(|e| BrokerError::Internal(format!("cannot start the writer: {e}")))?;
+        let node = cluster::Node::new();
         let broker = Self {
             next_channel_id: AtomicU64::new(store.max_channel_id()? + 1),
             config: Arc::clone(&config),
@@ -205,12 +213,23 @@ impl Broker {
             started_ms: now_ms(),
             auth,
             limits,
-            node: cluster::Node::new(),
+            relays: Arc::new(crate::session::relay::Relays::new(
+                node.id(),
+                &config.storage.prefix,
+            )),
+            node,
         };
         let lossy_crash = broker
             .store
             .begin_run(config.server.fsync == FsyncPolicy::Interval)?;
         broker.load_channels(lossy_crash)?;
+        if let Some(shared) = broker.store.shared() {
+            // A member before its first subscribe: until then, another node
+            // would take this node's consumer leases as a dead node's.
+            let info = serde_json::to_string(&broker.node.info()).unwrap_or_default();
+            let lease_ms = u64::try_from(cluster::NODE_LEASE.as_millis()).unwrap_or(u64::MAX);
+            shared.node_heartbeat(broker.node.id(), &info, lease_ms)?;
+        }
         Ok(Arc::new(broker))
     }
 
@@ -404,9 +423,15 @@ impl Broker {
 
     /// Another node left the cluster (its lease ran out): what it held
     /// here is let go. (Presence and remote subscriptions hook in here.)
-    pub(crate) fn node_gone(&self, id: &str) {
+    pub(crate) async fn node_gone(&self, id: &str) {
         tracing::debug!(node = %id, "forgetting what a departed node held");
         presence::node_gone(self, id);
+        self.relays.node_gone(self, id).await;
+    }
+
+    /// Subscriptions served by or for other nodes.
+    pub(crate) fn relays(&self) -> &Arc<crate::session::relay::Relays> {
+        &self.relays
     }
 
     /// This node of the cluster (a single node has an id too).
@@ -488,6 +513,9 @@ impl Broker {
             Some(n) => n.min(policy_window),
             None => policy_window,
         };
+        if persistent {
+            self.take_lease(&channel, &key).await?;
+        }
         let (consumer, fresh) = self.consumer(&channel, &key, mode, persistent).await?;
         if consumer.lock().mode() != mode {
             return Err(BrokerError::Conflict(format!(
@@ -533,6 +561,104 @@ impl Broker {
             last_seq,
             recovered,
         })
+    }
+
+    /// Cluster mode: makes sure this node serves consumer `key` (a durable
+    /// consumer lives on one node at a time), taking its lease unless it is
+    /// in memory here already. `Elsewhere` names the node that serves it.
+    async fn take_lease(&self, channel: &Channel, key: &str) -> Result<(), BrokerError> {
+        if self.store.shared().is_none()
+            || lock(&self.consumers)
+                .contains_key(&(channel.name().as_str().to_owned(), key.to_owned()))
+        {
+            return Ok(());
+        }
+        let (store, id, key, me) = (
+            Arc::clone(&self.store),
+            channel.id(),
+            key.to_owned(),
+            self.node.id().to_owned(),
+        );
+        let lease_ms = u64::try_from(cluster::NODE_LEASE.as_millis()).unwrap_or(u64::MAX);
+        let holder = tokio::task::spawn_blocking(move || {
+            store.shared().map_or(Ok(me.clone()), |s| {
+                s.lease_consumer(id, &key, &me, lease_ms)
+            })
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(e.to_string()))??;
+        if holder == self.node.id() {
+            Ok(())
+        } else {
+            Err(BrokerError::Elsewhere(holder))
+        }
+    }
+
+    /// Cluster mode: renews the leases of the durable consumers in memory;
+    /// a consumer whose lease another node took meanwhile (this node was
+    /// cut off for longer than a lease) is dropped here, and its
+    /// subscriptions ended so their clients subscribe again.
+    pub(crate) async fn renew_leases(&self) -> Result<(), BrokerError> {
+        if self.store.shared().is_none() {
+            return Ok(());
+        }
+        let held: Vec<Arc<Consumer>> = lock(&self.consumers)
+            .values()
+            .filter(|c| c.is_persistent())
+            .cloned()
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<(u64, String)> = held
+            .iter()
+            .map(|c| (c.channel().id(), c.key().to_owned()))
+            .collect();
+        let (store, me) = (Arc::clone(&self.store), self.node.id().to_owned());
+        let lease_ms = u64::try_from(cluster::NODE_LEASE.as_millis()).unwrap_or(u64::MAX);
+        let kept = tokio::task::spawn_blocking(move || {
+            store
+                .shared()
+                .map_or(Ok(Vec::new()), |s| s.renew_leases(&keys, &me, lease_ms))
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(e.to_string()))??;
+        for (consumer, kept) in held.iter().zip(kept) {
+            if kept {
+                continue;
+            }
+            tracing::warn!(consumer = consumer.key(), channel = %consumer.channel().name(),
+                "another node took over this consumer; its subscriptions here end");
+            consumer.retire();
+            lock(&self.consumers).retain(|_, c| !Arc::ptr_eq(c, consumer));
+            for connection in self
+                .connections
+                .subscribed_to(consumer.channel().name().as_str())
+            {
+                connection.send(Control::EndSubscription {
+                    channel: consumer.channel().name().as_str().to_owned(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Cluster mode: gives back the leases of consumers this node dropped.
+    async fn release_leases(&self, released: Vec<(u64, String)>) {
+        if released.is_empty() || self.store.shared().is_none() {
+            return;
+        }
+        let (store, me) = (Arc::clone(&self.store), self.node.id().to_owned());
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(shared) = store.shared() {
+                for (channel, key) in released {
+                    if let Err(e) = shared.release_consumer(channel, &key, &me) {
+                        tracing::debug!(error = %e, "giving back a consumer lease failed (it runs out on its own)");
+                    }
+                }
+            }
+        })
+        .await;
     }
 
     /// The consumer `key` of `channel`: from memory, else from the store,
@@ -819,11 +945,16 @@ impl Broker {
             subscription.channel.name().as_str().to_owned(),
             consumer.key().to_owned(),
         );
-        let mut consumers = lock(&self.consumers);
-        if consumers.get(&registry_key).is_some_and(|c| {
-            Arc::ptr_eq(c, consumer) && c.lock().subscriptions() == 0 && !c.lock().is_dirty()
-        }) {
-            consumers.remove(&registry_key);
+        let removed = {
+            let mut consumers = lock(&self.consumers);
+            let idle = consumers.get(&registry_key).is_some_and(|c| {
+                Arc::ptr_eq(c, consumer) && c.lock().subscriptions() == 0 && !c.lock().is_dirty()
+            });
+            idle && consumers.remove(&registry_key).is_some()
+        };
+        if removed && consumer.is_persistent() {
+            self.release_leases(vec![(subscription.channel.id(), consumer.key().to_owned())])
+                .await;
         }
     }
 
@@ -842,7 +973,7 @@ impl Broker {
             })
             .collect();
         if dirty.is_empty() {
-            self.evict_idle_consumers();
+            self.evict_idle_consumers().await;
             return Ok(());
         }
         let store = Arc::clone(&self.store);
@@ -855,16 +986,25 @@ impl Broker {
         .await
         .map_err(|e| BrokerError::Internal(e.to_string()))??;
         let _ = self.writer.send(WriterRequest::Flush(None)).await;
-        self.evict_idle_consumers();
+        self.evict_idle_consumers().await;
         Ok(())
     }
 
-    /// Drops consumers with no subscription whose state is saved.
-    fn evict_idle_consumers(&self) {
-        lock(&self.consumers).retain(|_, c| {
-            let state = c.lock();
-            state.subscriptions() > 0 || (c.is_persistent() && state.is_dirty())
-        });
+    /// Drops consumers with no subscription whose state is saved (in a
+    /// cluster, giving their leases back).
+    async fn evict_idle_consumers(&self) {
+        let mut released = Vec::new();
+        {
+            lock(&self.consumers).retain(|_, c| {
+                let state = c.lock();
+                let keep = state.subscriptions() > 0 || (c.is_persistent() && state.is_dirty());
+                if !keep && c.is_persistent() {
+                    released.push((c.channel().id(), c.key().to_owned()));
+                }
+                keep
+            });
+        }
+        self.release_leases(released).await;
     }
 
     /// Waits until everything written so far is durable.
@@ -987,6 +1127,7 @@ impl Broker {
     /// Saves consumers, stops the writer and flushes. Call once, after every
     /// session has ended.
     pub async fn shutdown(&self) -> Result<(), BrokerError> {
+        self.relays.shutdown(self).await;
         let consumers: Vec<Arc<Consumer>> = lock(&self.consumers).values().cloned().collect();
         for consumer in consumers.iter().filter(|c| c.is_persistent()) {
             let record = consumer.lock().record();
@@ -1001,6 +1142,12 @@ impl Broker {
         }
         self.store.mark_clean()?;
         self.flush().await?;
+        let held = consumers
+            .iter()
+            .filter(|c| c.is_persistent())
+            .map(|c| (c.channel().id(), c.key().to_owned()))
+            .collect();
+        self.release_leases(held).await;
         let _ = self.writer.send(WriterRequest::Stop).await;
         let threads = std::mem::take(&mut *lock(&self.threads));
         tokio::task::spawn_blocking(move || {

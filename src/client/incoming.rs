@@ -257,6 +257,15 @@ impl Driver {
                     }
                     let kind = subscribe_rejected(error.code, error.message);
                     self.fail_initial(sub_id, kind);
+                } else if error.code == ErrorCode::Unavailable {
+                    // A passing trouble of this server (in a cluster: the
+                    // node that served the consumer just died). Start over
+                    // on a new connection, which may reach another server.
+                    tracing::info!(message = %error.message, "resubscribe refused as unavailable; reconnecting");
+                    self.on_drop(Some(format!(
+                        "resubscribe refused as unavailable: {}",
+                        error.message
+                    )));
                 } else {
                     // The server refuses to resubscribe: end the stream, loudly.
                     self.remove_sub(sub_id);

@@ -12,7 +12,9 @@
 //! reading (backpressure reaches the client through TCP).
 
 pub mod access;
+mod acks;
 pub mod registry;
+pub mod relay;
 mod subscription;
 
 use std::collections::HashMap;
@@ -84,10 +86,17 @@ pub const MAX_HEADER_LEN: usize = 4096;
 
 type PendingPublish = Pin<Box<dyn Future<Output = ServerFrame> + Send + Sync>>;
 
-struct Active {
-    subscription: Arc<Subscription>,
-    cancel: CancellationToken,
-    pump: JoinHandle<()>,
+/// A subscription of this session.
+enum Active {
+    /// Its consumer is served here: a pump delivers from it.
+    Local {
+        subscription: Arc<Subscription>,
+        cancel: CancellationToken,
+        pump: JoinHandle<()>,
+    },
+    /// Cluster mode: another node serves its consumer, through this link
+    /// (see [`relay`]).
+    Remote { link: u64 },
 }
 
 /// The protocol state of one connection.
@@ -575,6 +584,10 @@ impl Session {
     }
 
     async fn on_frame(&mut self, frame: ClientFrame) -> Result<(), Closed> {
+        if let Some(link) = self.remote_link(&frame) {
+            self.broker.relays().forward(link, &frame);
+            return Ok(());
+        }
         let reply = match frame {
             ClientFrame::Connect(_) => {
                 Some(error(None, ErrorCode::BadRequest, "already connected"))
@@ -680,8 +693,8 @@ impl Session {
         }
         let request = SubscribeRequest {
             channel: name.clone(),
-            consumer: subscribe.consumer,
-            group: subscribe.group,
+            consumer: subscribe.consumer.clone(),
+            group: subscribe.group.clone(),
             user: self.access.user.clone(),
             since: subscribe.since,
             from: subscribe.from,
@@ -690,6 +703,9 @@ impl Session {
         };
         let subscription = match self.broker.subscribe(request).await {
             Ok(subscription) => Arc::new(subscription),
+            Err(BrokerError::Elsewhere(owner)) => {
+                return self.subscribe_remote(&owner, &subscribe).await;
+            }
             Err(e) => return Ok(Some(broker_error(Some(id), &e))),
         };
         // `subscribed` goes out before the pump can send any `msg`.
@@ -707,20 +723,67 @@ impl Session {
             Arc::clone(&self.broker),
             Arc::clone(&subscription),
             self.out.clone(),
-            Arc::clone(self.registration.handle()),
+            Some(Arc::clone(self.registration.handle())),
             self.batch,
             cancel.clone(),
         ));
         self.presence_changed(name.as_str(), true);
         self.subscriptions.insert(
             name.as_str().to_owned(),
-            Active {
+            Active::Local {
                 subscription,
                 cancel,
                 pump,
             },
         );
         Ok(None)
+    }
+
+    /// Subscribes through the node that serves the consumer.
+    async fn subscribe_remote(
+        &mut self,
+        owner: &str,
+        subscribe: &Subscribe,
+    ) -> Result<Option<ServerFrame>, Closed> {
+        let link = self.broker.next_id();
+        let opened = self
+            .broker
+            .relays()
+            .open(
+                owner,
+                Arc::clone(self.registration.handle()),
+                self.access.user.clone(),
+                self.batch,
+                subscribe,
+                link,
+            )
+            .await;
+        match opened {
+            Ok(subscribed) => {
+                self.send(ServerFrame::Subscribed(subscribed)).await?;
+                self.presence_changed(&subscribe.channel, true);
+                self.subscriptions
+                    .insert(subscribe.channel.clone(), Active::Remote { link });
+                Ok(None)
+            }
+            Err(refusal) => Ok(Some(refusal)),
+        }
+    }
+
+    /// The link of a frame that another node must handle (an ack, nack,
+    /// progress or term of a subscription served there).
+    fn remote_link(&self, frame: &ClientFrame) -> Option<u64> {
+        let channel = match frame {
+            ClientFrame::Ack(f) => &f.channel,
+            ClientFrame::Nack(f) => &f.channel,
+            ClientFrame::Progress(f) => &f.channel,
+            ClientFrame::Term(f) => &f.channel,
+            _ => return None,
+        };
+        match self.subscriptions.get(channel) {
+            Some(Active::Remote { link }) => Some(*link),
+            _ => None,
+        }
     }
 
     async fn on_unsubscribe(&mut self, request: ChannelRequest) -> ServerFrame {
@@ -740,51 +803,9 @@ impl Session {
     }
 
     fn on_ack(&self, ack: &Ack) -> Option<ServerFrame> {
-        let id = ack.id;
-        let sub = match self.subscription(id, &ack.channel) {
-            Ok(sub) => sub,
-            Err(reply) => return Some(*reply),
-        };
-        let (result, was_full) = {
-            let mut state = sub.consumer.lock();
-            // Only a full window makes a pump wait for acks; waking pumps on
-            // every ack would cost each one a pick for nothing.
-            let was_full = state.any_window_full();
-            let ages = state.ack_ages(
-                sub.id,
-                now_ms(),
-                ack.seqs.as_deref().unwrap_or_default(),
-                ack.upto,
-            );
-            let result = match (&ack.seqs, ack.upto) {
-                (Some(seqs), None) => state.ack(sub.id, seqs).map(|()| seqs.len()),
-                (None, Some(upto)) => state.ack_upto(sub.id, upto),
-                _ => {
-                    return Some(error(
-                        id,
-                        ErrorCode::BadRequest,
-                        "ack takes `seqs` or `upto`, exactly one",
-                    ));
-                }
-            };
-            (result.map(|count| (count, ages)), was_full)
-        };
-        match result {
-            Ok((count, ages)) => {
-                sub.channel
-                    .counters()
-                    .acked
-                    .inc_by(u64::try_from(count).unwrap_or(0));
-                for age in ages {
-                    #[allow(clippy::cast_precision_loss)] // ms, far below 2^52
-                    metrics::ACK_SECONDS.observe(age as f64 / 1000.0);
-                }
-                if was_full {
-                    sub.consumer.wake();
-                }
-                None
-            }
-            Err(e) => Some(error(id, ErrorCode::BadRequest, e.to_string())),
+        match self.subscription(ack.id, &ack.channel) {
+            Ok(sub) => acks::ack(&sub, ack),
+            Err(reply) => Some(*reply),
         }
     }
 
@@ -796,7 +817,10 @@ impl Session {
     ) -> Result<Arc<Subscription>, Box<ServerFrame>> {
         self.subscriptions
             .get(channel)
-            .map(|active| Arc::clone(&active.subscription))
+            .and_then(|active| match active {
+                Active::Local { subscription, .. } => Some(Arc::clone(subscription)),
+                Active::Remote { .. } => None,
+            })
             .ok_or_else(|| {
                 Box::new(error(
                     id,
@@ -807,78 +831,24 @@ impl Session {
     }
 
     async fn on_nack(&self, nack: &Nack) -> Option<ServerFrame> {
-        let sub = match self.subscription(nack.id, &nack.channel) {
-            Ok(sub) => sub,
-            Err(reply) => return Some(*reply),
-        };
-        let (seq, delay) = (nack.seq, nack.delay_ms);
-        let result = sub
-            .consumer
-            .update(|state| state.nack(sub.id, seq, delay, now_ms(), rand::random::<f64>()))
-            .await;
-        match result {
-            Ok(()) => {
-                sub.consumer.wake();
-                None
-            }
-            Err(e) => Some(error(nack.id, ErrorCode::BadRequest, e.to_string())),
+        match self.subscription(nack.id, &nack.channel) {
+            Ok(sub) => acks::nack(&sub, nack).await,
+            Err(reply) => Some(*reply),
         }
     }
 
     async fn on_progress(&self, progress: Progress) -> Option<ServerFrame> {
-        let sub = match self.subscription(progress.id, &progress.channel) {
-            Ok(sub) => sub,
-            Err(reply) => return Some(*reply),
-        };
-        let result = sub
-            .consumer
-            .lock()
-            .progress(sub.id, &progress.seqs, now_ms());
-        result.err().map(|e| {
-            error(
-                progress.id,
-                ErrorCode::BadRequest,
-                format!("{e}; it cannot make progress"),
-            )
-        })
+        match self.subscription(progress.id, &progress.channel) {
+            Ok(sub) => acks::progress(&sub, &progress),
+            Err(reply) => Some(*reply),
+        }
     }
 
-    /// Dead-letters the message, and makes that durable before the next
-    /// frame is read (a termed message must not come back after a crash).
     async fn on_term(&self, term: Term) -> Option<ServerFrame> {
-        let sub = match self.subscription(term.id, &term.channel) {
-            Ok(sub) => sub,
-            Err(reply) => return Some(*reply),
-        };
-        if term
-            .reason
-            .as_ref()
-            .is_some_and(|r| r.len() > MAX_TERM_REASON)
-        {
-            return Some(error(
-                term.id,
-                ErrorCode::TooLarge,
-                format!("a term reason is at most {MAX_TERM_REASON} bytes"),
-            ));
+        match self.subscription(term.id, &term.channel) {
+            Ok(sub) => acks::term(&self.broker, &sub, term).await,
+            Err(reply) => Some(*reply),
         }
-        let (seq, reason) = (term.seq, term.reason);
-        let result = sub
-            .consumer
-            .update(|state| state.term(sub.id, seq, reason))
-            .await;
-        if let Err(e) = result {
-            return Some(error(term.id, ErrorCode::BadRequest, e.to_string()));
-        }
-        sub.consumer.wake();
-        if let Err(e) = self
-            .broker
-            .persist_consumers()
-            .await
-            .and(self.broker.flush().await)
-        {
-            return Some(broker_error(term.id, &e));
-        }
-        None
     }
 
     async fn teardown(mut self) {
@@ -891,9 +861,18 @@ impl Session {
 
 /// Stops a subscription's pump, then detaches it from its consumer.
 async fn stop(active: Active, broker: &Broker) {
-    active.cancel.cancel();
-    let _ = active.pump.await;
-    broker.unsubscribe(&active.subscription).await;
+    match active {
+        Active::Local {
+            subscription,
+            cancel,
+            pump,
+        } => {
+            cancel.cancel();
+            let _ = pump.await;
+            broker.unsubscribe(&subscription).await;
+        }
+        Active::Remote { link } => broker.relays().close(link),
+    }
 }
 
 /// The limits every publish must meet, whatever carries it (a `publish`

@@ -36,7 +36,7 @@ pub(super) async fn pump(
     broker: Arc<Broker>,
     subscription: Arc<Subscription>,
     out: mpsc::Sender<Outgoing>,
-    connection: Arc<ConnectionHandle>,
+    connection: Option<Arc<ConnectionHandle>>,
     batch: bool,
     cancel: CancellationToken,
 ) {
@@ -131,7 +131,9 @@ pub(super) async fn pump(
             }
         }
         let redelivered = picked.deliveries.iter().filter(|d| d.attempt > 1).count();
-        connection.delivered(messages.len());
+        if let Some(connection) = &connection {
+            connection.delivered(messages.len());
+        }
         let counters = channel.counters();
         counters
             .delivered

@@ -1115,16 +1115,21 @@ end
 return out
 ";
 
-/// Takes (or keeps) a lease: `ARGV[1]` when free or already its holder's.
-/// Returns the holder.
+/// Takes (or keeps) a lease: `ARGV[1]` gets it when it is free, already
+/// its own, or held by a node that is no longer a member. Returns the holder.
 const LEASE_LUA: &str = r"
--- KEYS: lease; ARGV: holder, lease ms
+-- KEYS: lease, nodes (zset id -> expiry ms); ARGV: holder, lease ms
 local holder = redis.call('GET', KEYS[1])
-if (not holder) or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return ARGV[1]
+if holder and holder ~= ARGV[1] then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local expiry = redis.call('ZSCORE', KEYS[2], holder)
+  if expiry and tonumber(expiry) > now then
+    return holder
+  end
 end
-return holder
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return ARGV[1]
 ";
 
 /// Gives a lease back if `ARGV[1]` holds it.
@@ -1211,8 +1216,16 @@ impl RedisStore {
         lease_ms: u64,
     ) -> Result<String, StoreError> {
         let key = self.lease_key(channel, consumer);
+        let (nodes, _) = self.nodes_keys();
         let script = Script::new(LEASE_LUA);
-        self.run(|con| script.key(&key).arg(node).arg(lease_ms).invoke(con))
+        self.run(|con| {
+            script
+                .key(&key)
+                .key(&nodes)
+                .arg(node)
+                .arg(lease_ms)
+                .invoke(con)
+        })
     }
 
     /// Renews node `node`'s leases on `consumers` `(channel, key)`; returns
@@ -1227,6 +1240,7 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         let script = Script::new(LEASE_LUA);
+        let (nodes, _) = self.nodes_keys();
         let keys: Vec<String> = consumers
             .iter()
             .map(|(channel, key)| self.lease_key(*channel, key))
@@ -1236,7 +1250,7 @@ impl RedisStore {
             // Pipelined scripts run as EVALSHA only: load it first.
             pipe.cmd("SCRIPT").arg("LOAD").arg(LEASE_LUA).ignore();
             for key in &keys {
-                pipe.invoke_script(script.key(key).arg(node).arg(lease_ms));
+                pipe.invoke_script(script.key(key).key(&nodes).arg(node).arg(lease_ms));
             }
             pipe.query(con)
         })?;
