@@ -313,7 +313,11 @@ fn spawn_background(
         Arc::clone(broker),
         cancel.clone(),
     ));
-    vec![persist, retention, stats, follow, heartbeat]
+    let presence = tracker.spawn(crate::broker::presence::run(
+        Arc::clone(broker),
+        cancel.clone(),
+    ));
+    vec![persist, retention, stats, follow, heartbeat, presence]
 }
 
 /// A future that resolves on SIGINT (Ctrl-C) or SIGTERM.
