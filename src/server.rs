@@ -318,7 +318,11 @@ fn spawn_background(
         // what the broker's shutdown tells the other nodes.
         tokio::spawn(Arc::clone(broker.relays()).run_sender(url));
     }
-    vec![persist, retention, stats, follow, heartbeat]
+    let presence = tracker.spawn(crate::broker::presence::run(
+        Arc::clone(broker),
+        cancel.clone(),
+    ));
+    vec![persist, retention, stats, follow, heartbeat, presence]
 }
 
 /// A future that resolves on SIGINT (Ctrl-C) or SIGTERM.

@@ -572,10 +572,23 @@ struct PresenceClient {
     since_ms: u64,
 }
 
+/// A user subscribed to the channel, as the `presence` frame counts it.
+#[derive(Serialize)]
+struct PresenceUser {
+    user: String,
+    connections: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client: Option<String>,
+}
+
 #[derive(Serialize)]
 struct Presence {
     channel: String,
+    /// This node's connections.
     clients: Vec<PresenceClient>,
+    /// The users on every live node of a cluster (this node's alone on
+    /// sled or for a namespace without presence).
+    members: Vec<PresenceUser>,
 }
 
 async fn presence(State(state): State<Shared>, Path(channel): Path<String>) -> ApiResult<Presence> {
@@ -594,7 +607,22 @@ async fn presence(State(state): State<Shared>, Path(channel): Path<String>) -> A
             })
         })
         .collect();
-    Ok(axum::Json(Presence { channel, clients }))
+    let members = state
+        .broker
+        .presence(&name)
+        .await?
+        .into_iter()
+        .map(|m| PresenceUser {
+            user: m.user,
+            connections: m.connections,
+            client: m.client,
+        })
+        .collect();
+    Ok(axum::Json(Presence {
+        channel,
+        clients,
+        members,
+    }))
 }
 
 #[derive(Serialize)]

@@ -137,6 +137,23 @@ pub async fn heartbeat(broker: Arc<Broker>, cancel: CancellationToken) {
             Ok(Err(e)) => tracing::warn!(error = %e, "renewing cluster membership failed"),
             Err(e) => tracing::warn!(error = %e, "renewing cluster membership failed"),
         }
+        // Every node checks its own links: the heartbeat that finds a
+        // member dead tells only one node.
+        let peers = broker.relays().peers();
+        if !peers.is_empty() {
+            let b = Arc::clone(&broker);
+            let live = tokio::task::spawn_blocking(move || live_nodes(&b)).await;
+            if let Ok(Ok(live)) = live {
+                let live: std::collections::HashSet<String> =
+                    live.into_iter().map(|n| n.id).collect();
+                if peers.iter().any(|p| !live.contains(p)) {
+                    broker
+                        .relays()
+                        .prune(&broker, |node| live.contains(node))
+                        .await;
+                }
+            }
+        }
         if let Err(e) = broker.renew_leases().await {
             tracing::warn!(error = %e, "renewing consumer leases failed");
         }

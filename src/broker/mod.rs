@@ -7,7 +7,7 @@
 pub mod admin;
 mod channel;
 pub mod cluster;
-mod presence;
+pub(crate) mod presence;
 mod writer;
 
 use std::collections::HashMap;
@@ -28,7 +28,7 @@ use crate::backoff::Backoff;
 use crate::config::{Config, FsyncPolicy, NamespacePolicy, StorageBackend};
 use crate::delivery::retry::{RetryError, RetryJob, RetryQueue};
 use crate::delivery::{Consumer, ConsumerMode, ConsumerState, RetryPolicy, SubscriptionId};
-use crate::protocol::{AckMode, ChannelName, ErrorCode, Headers, StartFrom};
+use crate::protocol::{AckMode, ChannelName, ErrorCode, Headers, PresenceMember, StartFrom};
 use crate::session::access::INBOX;
 use crate::session::registry::{Connections, Control};
 use crate::storage::{
@@ -160,6 +160,8 @@ pub struct Broker {
     node: cluster::Node,
     /// Subscriptions served by or for other nodes.
     relays: Arc<crate::session::relay::Relays>,
+    /// This node's presence changes waiting to be written to the cluster.
+    presence: presence::Changes,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -218,6 +220,7 @@ impl Broker {
                 &config.storage.prefix,
             )),
             node,
+            presence: presence::Changes::default(),
         };
         let lossy_crash = broker
             .store
@@ -432,6 +435,26 @@ impl Broker {
     /// Subscriptions served by or for other nodes.
     pub(crate) fn relays(&self) -> &Arc<crate::session::relay::Relays> {
         &self.relays
+    }
+
+    /// The users subscribed to `channel`, with their connection counts, by
+    /// user id: in a cluster, on every live node (connections summed per
+    /// user); alone, or for a namespace without presence, on this node.
+    pub async fn presence(
+        &self,
+        channel: &ChannelName,
+    ) -> Result<Vec<PresenceMember>, BrokerError> {
+        presence::members(self, channel).await
+    }
+
+    /// A connection of `user` subscribed to `channel` (of a presence
+    /// namespace) or left it; `announce` is `Some(joined)` when the user's
+    /// first connection joined or its last one left and the namespace has
+    /// `join_leave`. In a cluster the node's presence of the channel is
+    /// written to Redis shortly and the event reaches the other nodes (this
+    /// node's connections are told by the caller); alone, nothing to do.
+    pub fn presence_changed(&self, channel: &str, user: &str, announce: Option<bool>) {
+        presence::changed(self, channel, user, announce);
     }
 
     /// This node of the cluster (a single node has an id too).

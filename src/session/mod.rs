@@ -428,7 +428,7 @@ impl Session {
             .map(|message| error(id, ErrorCode::Forbidden, message))
     }
 
-    fn on_presence(&self, request: &ChannelRequest) -> ServerFrame {
+    async fn on_presence(&self, request: &ChannelRequest) -> ServerFrame {
         let id = Some(request.id);
         let name = match ChannelName::new(&request.channel) {
             Ok(name) => name,
@@ -447,16 +447,20 @@ impl Session {
         if let Some(denied) = self.permit(id, Action::Presence, &name) {
             return denied;
         }
-        ServerFrame::Presence(crate::protocol::PresenceReply {
-            id: request.id,
-            channel: request.channel.clone(),
-            members: self.broker.connections().presence(name.as_str()),
-        })
+        match self.broker.presence(&name).await {
+            Ok(members) => ServerFrame::Presence(crate::protocol::PresenceReply {
+                id: request.id,
+                channel: request.channel.clone(),
+                members,
+            }),
+            Err(e) => broker_error(id, &e),
+        }
     }
 
     /// Records a subscription in the registry and, where the namespace
     /// wants it, tells the channel's other subscribers that the user joined
-    /// (or, with `joined = false`, left).
+    /// (or, with `joined = false`, left); in a cluster, the broker tells
+    /// the other nodes.
     fn presence_changed(&self, channel: &str, joined: bool) {
         let changed = if joined {
             self.registration.subscribed(channel, now_ms())
@@ -467,8 +471,16 @@ impl Session {
             return;
         };
         let policy = self.broker.config().policy(name.namespace());
-        if changed && policy.presence && policy.join_leave {
+        if !policy.presence {
+            return;
+        }
+        let announce = changed && policy.join_leave;
+        if announce {
             self.registration.announce(channel, joined);
+        }
+        if let Some(user) = self.registration.handle().user() {
+            self.broker
+                .presence_changed(channel, &user, announce.then_some(joined));
         }
     }
 
@@ -599,7 +611,7 @@ impl Session {
             ClientFrame::Nack(nack) => self.on_nack(&nack).await,
             ClientFrame::Progress(progress) => self.on_progress(progress).await,
             ClientFrame::Term(term) => Box::pin(self.on_term(term)).await,
-            ClientFrame::Presence(request) => Some(self.on_presence(&request)),
+            ClientFrame::Presence(request) => Some(Box::pin(self.on_presence(&request)).await),
             ClientFrame::Refresh(refresh) => Some(self.on_refresh(&refresh)),
             ClientFrame::Ping(IdOnly { id }) => Some(ServerFrame::Pong(IdOnly { id })),
         };

@@ -242,11 +242,28 @@ impl Relays {
     /// Node `id` left the cluster: end the subscriptions it served for
     /// this node's sessions, and stop serving its links.
     pub(crate) async fn node_gone(&self, broker: &Broker, id: &str) {
+        self.prune(broker, |node| node != id).await;
+    }
+
+    /// The nodes this node has links with (as member or as owner).
+    pub(crate) fn peers(&self) -> std::collections::HashSet<String> {
+        let mut peers: std::collections::HashSet<String> = lock(&self.links)
+            .values()
+            .map(|l| l.owner.clone())
+            .collect();
+        peers.extend(lock(&self.served).keys().map(|(node, _)| node.clone()));
+        peers
+    }
+
+    /// Ends the links with every node for which `live` says no: the
+    /// subscriptions they served for this node's sessions end, and this
+    /// node stops serving theirs.
+    pub(crate) async fn prune(&self, broker: &Broker, live: impl Fn(&str) -> bool) {
         let ended: Vec<Link> = {
             let mut links = lock(&self.links);
             let gone: Vec<u64> = links
                 .iter()
-                .filter(|(_, l)| l.owner == id)
+                .filter(|(_, l)| !live(&l.owner))
                 .map(|(k, _)| *k)
                 .collect();
             gone.iter().filter_map(|k| links.remove(k)).collect()
@@ -259,7 +276,7 @@ impl Relays {
         let served: Vec<Served> = {
             let mut served = lock(&self.served);
             let gone: Vec<(String, u64)> =
-                served.keys().filter(|(n, _)| n == id).cloned().collect();
+                served.keys().filter(|(n, _)| !live(n)).cloned().collect();
             gone.iter().filter_map(|k| served.remove(k)).collect()
         };
         for s in served {

@@ -1270,6 +1270,100 @@ impl RedisStore {
     }
 }
 
+/// Cluster presence. Each node keeps the members of its own connections in
+/// a hash `{p}:presence:{node}`: field = channel name, value = the JSON list
+/// of that node's members of the channel (`[{"user", "connections",
+/// "client"?}]`, never empty: an empty channel's field is removed). The hash
+/// expires unless its node renews it, so a dead node's hash outlives its
+/// membership lease for a while (long enough for another node to read it and
+/// announce the leaves) and then disappears on its own.
+impl RedisStore {
+    fn presence_key(&self, node: &str) -> String {
+        format!("{}:presence:{node}", self.prefix)
+    }
+
+    /// Applies node `node`'s presence changes in one round trip: sets the
+    /// `set` fields `(channel, members JSON)`, removes the `remove` fields,
+    /// renews the hash's TTL to `ttl_ms`, then publishes `events` on
+    /// [`RedisStore::events_channel`] (after the writes, so a node that
+    /// hears an event reads the presence that goes with it). Returns
+    /// whether the hash existed before these writes: `false` means it
+    /// expired or was removed (or was empty), and the node must write every
+    /// channel it holds again.
+    pub fn presence_write(
+        &self,
+        node: &str,
+        set: &[(String, String)],
+        remove: &[String],
+        ttl_ms: u64,
+        events: &[String],
+    ) -> Result<bool, StoreError> {
+        let key = self.presence_key(node);
+        let channel = self.events_channel();
+        let existed: (bool,) = self.run(|con| {
+            let mut pipe = redis::pipe();
+            pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms);
+            if !set.is_empty() {
+                pipe.cmd("HSET").arg(&key).arg(set).ignore();
+            }
+            if !remove.is_empty() {
+                pipe.cmd("HDEL").arg(&key).arg(remove).ignore();
+            }
+            // HSET on a missing key makes one without a TTL.
+            pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
+            for event in events {
+                pipe.cmd("PUBLISH").arg(&channel).arg(event).ignore();
+            }
+            pipe.query(con)
+        })?;
+        Ok(existed.0)
+    }
+
+    /// The members JSON of each of `channels` in each node's hash:
+    /// `result[n][c]` for `nodes[n]` and `channels[c]`, `None` where that
+    /// node has no member of that channel. One round trip.
+    pub fn presence_of(
+        &self,
+        nodes: &[String],
+        channels: &[String],
+    ) -> Result<Vec<Vec<Option<String>>>, StoreError> {
+        if nodes.is_empty() || channels.is_empty() {
+            return Ok(vec![Vec::new(); nodes.len()]);
+        }
+        let keys: Vec<String> = nodes.iter().map(|n| self.presence_key(n)).collect();
+        self.run(|con| {
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.cmd("HMGET").arg(key).arg(channels);
+            }
+            pipe.query(con)
+        })
+    }
+
+    /// Every `(channel, members JSON)` in node `node`'s hash.
+    pub fn presence_node(&self, node: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let key = self.presence_key(node);
+        let all: BTreeMap<String, String> =
+            self.run(|con| redis::cmd("HGETALL").arg(&key).query(con))?;
+        Ok(all.into_iter().collect())
+    }
+
+    /// Publishes `events` (as [`RedisStore::presence_write`] does), then
+    /// removes node `node`'s hash.
+    pub fn presence_forget(&self, node: &str, events: &[String]) -> Result<(), StoreError> {
+        let key = self.presence_key(node);
+        let channel = self.events_channel();
+        self.run(|con| {
+            let mut pipe = redis::pipe();
+            for event in events {
+                pipe.cmd("PUBLISH").arg(&channel).arg(event).ignore();
+            }
+            pipe.cmd("DEL").arg(&key).ignore();
+            pipe.exec(con)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{BufRead, BufReader};
