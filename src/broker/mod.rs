@@ -1088,7 +1088,9 @@ impl Broker {
                 continue;
             }
             evicted += 1;
-            if channel.is_durable() {
+            // In a cluster another node may use the channel: forget it here
+            // only (its records in Redis are tiny: a name and an id).
+            if channel.is_durable() && self.store.shared().is_none() {
                 self.delete_stored(&channel).await?;
             }
         }

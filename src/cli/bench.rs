@@ -687,6 +687,7 @@ async fn messages(args: &BenchArgs, target: &Target) -> anyhow::Result<serde_jso
         "nack_percent": nack_percent,
         "seconds": seconds,
         "msgs_per_s": per_s(count),
+        "deliveries": deliveries,
         "deliveries_per_s": per_s(deliveries),
         "p50_ms": ms(&latency, 0.5),
         "p90_ms": ms(&latency, 0.9),
