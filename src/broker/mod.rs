@@ -90,6 +90,17 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Runs blocking I/O from sync code that may be on the runtime: on a
+/// multi-threaded runtime the worker hands its other tasks away first.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 fn new_epoch() -> String {
     let bytes: [u8; 8] = rand::rng().random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -388,8 +399,11 @@ impl Broker {
         let shared = self.store.shared().filter(|_| policy.durable);
         let mut loaded = match shared {
             Some(shared) => {
-                shared.get_or_create_channel(name.as_str(), &new_epoch(), now_ms())?;
-                shared.load_channel(name.as_str())?.ok_or_else(|| {
+                let found = blocking(|| {
+                    shared.get_or_create_channel(name.as_str(), &new_epoch(), now_ms())?;
+                    shared.load_channel(name.as_str())
+                })?;
+                found.ok_or_else(|| {
                     BrokerError::Unavailable(format!(
                         "channel {name} was deleted on another node meanwhile; try again"
                     ))
