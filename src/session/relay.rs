@@ -73,6 +73,7 @@ enum Relay {
     Close { from: String, link: u64 },
     /// Owner → member: a server frame for the link's client.
     Out {
+        from: String,
         link: u64,
         #[serde(with = "serde_bytes")]
         frame: Vec<u8>,
@@ -424,6 +425,7 @@ pub async fn on_message(broker: &Arc<Broker>, bytes: &[u8]) {
                 relays.send(
                     &from,
                     &Relay::Out {
+                        from: relays.me.clone(),
                         link,
                         frame: frame_bytes(&reply),
                     },
@@ -436,12 +438,22 @@ pub async fn on_message(broker: &Arc<Broker>, bytes: &[u8]) {
                 stop(broker, served).await;
             }
         }
-        Relay::Out { link, frame } => {
+        Relay::Out { from, link, frame } => {
             let Ok(frame) = decode_server(Codec::MsgPack, &frame) else {
                 return;
             };
             let mut links = lock(&relays.links);
             let Some(l) = links.get_mut(&link) else {
+                // A link this node closed (its `close` may have been lost):
+                // tell the owner again, so it stops pumping into the void.
+                drop(links);
+                relays.send(
+                    &from,
+                    &Relay::Close {
+                        from: relays.me.clone(),
+                        link,
+                    },
+                );
                 return;
             };
             if let Some(first) = l.first.take() {
@@ -485,6 +497,7 @@ async fn serve(
         relays.send(
             &from,
             &Relay::Out {
+                from: relays.me.clone(),
                 link,
                 frame: frame_bytes(frame),
             },
@@ -545,6 +558,7 @@ async fn serve(
                     Outgoing::Frame(frame) => relays.send(
                         &from,
                         &Relay::Out {
+                            from: relays.me.clone(),
                             link,
                             frame: frame_bytes(&frame),
                         },
