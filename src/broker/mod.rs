@@ -355,6 +355,18 @@ impl Broker {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// A fresh connection id: `c<n>`, and in a cluster `c<n>-<node id>`, so
+    /// that an id names one connection across the nodes and the node that
+    /// holds it (see [`cluster::node_of_connection`]).
+    pub fn next_connection_id(&self) -> String {
+        let n = self.next_id();
+        if self.clustered() {
+            format!("c{n}-{}", self.node.id())
+        } else {
+            format!("c{n}")
+        }
+    }
+
     /// The channel named `name`, created on first use. In a cluster the
     /// first use on this node finds (or creates) it in the shared store.
     pub fn channel(&self, name: &ChannelName) -> Result<Arc<Channel>, BrokerError> {
@@ -412,6 +424,11 @@ impl Broker {
     /// This node of the cluster (a single node has an id too).
     pub fn node(&self) -> &cluster::Node {
         &self.node
+    }
+
+    /// Whether this node is one of a cluster (the store is Redis).
+    pub fn clustered(&self) -> bool {
+        self.store.shared().is_some()
     }
 
     /// Whether the broker can serve: in a cluster, whether Redis answers.
@@ -628,7 +645,7 @@ impl Broker {
         seqs: std::ops::RangeInclusive<u64>,
         limit: usize,
     ) -> Result<Vec<DeadLetterRecord>, BrokerError> {
-        let channel = self.existing_channel(channel)?;
+        let (channel, _) = self.channel_view(channel).await?;
         let store = Arc::clone(&self.store);
         let id = channel.id();
         tokio::task::spawn_blocking(move || {
@@ -690,7 +707,7 @@ impl Broker {
         action: DlqAction,
     ) -> Result<usize, BrokerError> {
         let entries = self.dlq_select(channel, seqs, consumer).await?;
-        let channel = self.existing_channel(channel)?;
+        let channel = self.stored_channel(channel).await?;
         let mut removed = 0;
         for entry in entries {
             if action == DlqAction::Requeue {
