@@ -111,6 +111,11 @@ impl Server {
         if config.storage.backend == crate::config::StorageBackend::Redis {
             tracing::info!(node = %broker.node().id(), prefix = %config.storage.prefix,
                 "cluster node: channels, consumers and the retry queue are on Redis");
+            if source != TokenSource::Configured {
+                tracing::warn!(
+                    "cluster node with an admin token of its own (no [admin] token or COURIER_ADMIN_TOKEN): the admin API of the other nodes cannot ask this one for its connections; give every node the same token"
+                );
+            }
         }
         tracing::info!(admin = %admin_addr, "admin API, /metrics and the dashboard at http://{admin_addr}/admin/ui");
         match source {

@@ -477,3 +477,46 @@ async fn when_the_node_serving_a_consumer_dies_its_remote_members_move_on() {
         client.close().await;
     }
 }
+
+#[tokio::test]
+async fn an_operator_changes_a_consumer_through_the_node_that_serves_it() {
+    const CHANNEL: &str = "ops:reset";
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_nodes(dir.path(), &redis, 2);
+    let mut reader = Client::connect(&nodes[0].url(), Codec::MsgPack).await;
+    reader.subscribe(from_first(CHANNEL, "r")).await;
+    let mut publisher = Client::connect(&nodes[1].url(), Codec::MsgPack).await;
+    for _ in 0..5 {
+        publisher.publish(CHANNEL, b"x").await;
+    }
+    reader.deliveries(5).await;
+    let path = format!("/admin/channels/{CHANNEL}/consumers/c%2Fr/reset");
+    let node_1 = nodes[0].admin(ADMIN_TOKEN).get("/admin/info").await["node"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The consumer is saved to Redis within a persist period (100 ms).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (status, body) = loop {
+        let (status, body) = nodes[1]
+            .admin(ADMIN_TOKEN)
+            .call("POST", &path, Some(serde_json::json!({"seq": 3})))
+            .await;
+        if status != 404 || tokio::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains(&node_1),
+        "{body}"
+    );
+    let (status, body) = nodes[0]
+        .admin(ADMIN_TOKEN)
+        .call("POST", &path, Some(serde_json::json!({"seq": 3})))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["floor"], 3, "{body}");
+}

@@ -6,7 +6,15 @@
 //! Every route needs the admin token (`Authorization: Bearer`); `/metrics`
 //! may be made public, and `/admin/ui` also takes `?token=` so the link
 //! printed at start-up opens it.
+//!
+//! In a cluster every node's API shows the whole cluster: the channels of
+//! the shared store, and every node's connections (`connections.rs`) and
+//! live consumers (`channel_detail.rs`), asked from the other nodes
+//! (`peers.rs`); a kick reaches the node that holds the connection.
 
+mod channel_detail;
+mod connections;
+mod peers;
 mod token;
 
 use std::collections::HashMap;
@@ -26,7 +34,6 @@ use crate::broker::Broker;
 use crate::broker::admin::StoredMessage;
 use crate::metrics;
 use crate::protocol::{ChannelName, ErrorCode};
-use crate::session::registry::{ConnectionHandle, Control};
 use crate::transport::{ApiError, json_error};
 
 pub use token::{TOKEN_FILE, TokenSource, resolve_token};
@@ -90,8 +97,8 @@ fn handler(method: &str, path: &str) -> MethodRouter<Shared> {
         ("POST", "/admin/channels/{channel}/dlq/requeue") => on(filter, dlq_requeue),
         ("POST", "/admin/channels/{channel}/dlq/purge") => on(filter, dlq_purge),
         ("GET", "/admin/channels/{channel}/presence") => on(filter, presence),
-        ("GET", "/admin/connections") => on(filter, list_connections),
-        ("POST", "/admin/connections/{id}/kick") => on(filter, kick),
+        ("GET", "/admin/connections") => on(filter, connections::list_connections),
+        ("POST", "/admin/connections/{id}/kick") => on(filter, connections::kick),
         ("GET", "/admin/ui") => on(filter, dashboard),
         _ => unreachable!("every entry of ROUTES has a handler"),
     }
@@ -252,6 +259,17 @@ impl Params {
             .transpose()
     }
 
+    /// A `true`/`false` parameter, false when absent.
+    fn flag(&self, name: &str) -> Result<bool, ApiError> {
+        match self.text(name) {
+            None | Some("false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(other) => Err(bad_request(format!(
+                "query parameter `{name}` must be true or false, not {other:?}"
+            ))),
+        }
+    }
+
     fn limit(&self) -> Result<usize, ApiError> {
         match self.number("limit")? {
             None => Ok(DEFAULT_LIMIT),
@@ -295,6 +313,10 @@ pub fn update_gauges(broker: &Broker) {
 #[derive(Serialize)]
 struct Info {
     version: &'static str,
+    /// This node's id.
+    node: String,
+    /// The live nodes of the cluster (just this one on sled).
+    nodes: Vec<crate::broker::cluster::NodeInfo>,
     started_ms: u64,
     uptime_s: u64,
     connections: usize,
@@ -308,10 +330,12 @@ async fn info(State(state): State<Shared>) -> ApiResult<Info> {
     let config = broker.config();
     Ok(axum::Json(Info {
         version: env!("CARGO_PKG_VERSION"),
+        node: broker.node().id().to_owned(),
+        nodes: peers::live_nodes(broker).await?,
         started_ms: broker.started_ms(),
         uptime_s: crate::broker::now_ms().saturating_sub(broker.started_ms()) / 1000,
         connections: broker.connections().len(),
-        channels: broker.channels().len(),
+        channels: broker.channel_count().await?,
         data_dir: config.server.data_dir.display().to_string(),
         fsync: config.server.fsync.to_string(),
     }))
@@ -336,15 +360,12 @@ async fn list_channels(
     let params = Params::new(query, &["prefix", "after", "limit"])?;
     let limit = params.limit()?;
     let prefix = params.text("prefix").unwrap_or("");
-    let page = state
+    let mut channels = state
         .broker
-        .channel_page(prefix, params.text("after"), limit + 1);
-    let more = page.len() > limit;
-    let channels: Vec<_> = page
-        .iter()
-        .take(limit)
-        .map(|c| state.broker.channel_summary(c))
-        .collect();
+        .channel_list(prefix, params.text("after"), limit + 1)
+        .await?;
+    let more = channels.len() > limit;
+    channels.truncate(limit);
     let next = more
         .then(|| channels.last().map(|c| c.name.clone()))
         .flatten();
@@ -357,9 +378,19 @@ async fn list_channels(
 async fn get_channel(
     State(state): State<Shared>,
     Path(channel): Path<String>,
-) -> ApiResult<crate::broker::admin::ChannelDetail> {
+    RawQuery(query): RawQuery,
+) -> ApiResult<channel_detail::ClusterDetail> {
     let name = channel_name(&channel)?;
-    Ok(axum::Json(state.broker.channel_detail(&name).await?))
+    let params = Params::new(query, &["local"])?;
+    let detail = if params.flag("local")? {
+        channel_detail::ClusterDetail {
+            detail: state.broker.channel_detail(&name, true).await?,
+            unreachable: Vec::new(),
+        }
+    } else {
+        channel_detail::channel_detail(&state, &name).await?
+    };
+    Ok(axum::Json(detail))
 }
 
 #[derive(Serialize)]
@@ -402,11 +433,11 @@ async fn peek(
     let name = channel_name(&channel)?;
     let params = Params::new(query, &["from", "to", "limit"])?;
     let limit = params.limit()?;
-    let found = state.broker.existing_channel(&name)?;
-    let (_, first, last) = found.position();
+    let (found, summary) = state.broker.channel_view(&name).await?;
+    let (first, last) = (summary.first_seq, summary.last_seq);
     let from = params.number("from")?.unwrap_or(first).max(first);
     let to = params.number("to")?.unwrap_or(last).min(last);
-    let messages = state.broker.peek(&name, from, to, limit).await?;
+    let messages = state.broker.peek(&found, from, to, limit).await?;
     let next = match messages.last() {
         Some(m) if messages.len() == limit && m.seq < to => Some(m.seq + 1),
         _ => None,
@@ -623,110 +654,6 @@ async fn presence(State(state): State<Shared>, Path(channel): Path<String>) -> A
         clients,
         members,
     }))
-}
-
-#[derive(Serialize)]
-struct ConnectionView {
-    id: String,
-    user: Option<String>,
-    remote: Option<String>,
-    transport: &'static str,
-    subscriptions: Vec<String>,
-    connected_ms: u64,
-    msgs_in: u64,
-    msgs_out: u64,
-}
-
-impl From<&ConnectionHandle> for ConnectionView {
-    fn from(c: &ConnectionHandle) -> Self {
-        use std::sync::atomic::Ordering::Relaxed;
-        Self {
-            id: c.id.clone(),
-            user: c.user(),
-            remote: c.remote.map(|r| r.to_string()),
-            transport: c.transport,
-            subscriptions: c.subscriptions(),
-            connected_ms: c.connected_ms,
-            msgs_in: c.msgs_in.load(Relaxed),
-            msgs_out: c.msgs_out.load(Relaxed),
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct Connections {
-    connections: Vec<ConnectionView>,
-}
-
-async fn list_connections(
-    State(state): State<Shared>,
-    RawQuery(query): RawQuery,
-) -> ApiResult<Page<Connections>> {
-    let params = Params::new(query, &["after", "limit"])?;
-    let limit = params.limit()?;
-    let after = params.number("after")?.unwrap_or(0);
-    let mut page = state.broker.connections().page(after, limit + 1);
-    let more = page.len() > limit;
-    page.truncate(limit);
-    let next = more
-        .then(|| page.last().map(|c| c.order.to_string()))
-        .flatten();
-    Ok(axum::Json(Page {
-        items: Connections {
-            connections: page.iter().map(|c| ConnectionView::from(&**c)).collect(),
-        },
-        next,
-    }))
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct KickBody {
-    code: Option<u16>,
-    reason: Option<String>,
-}
-
-#[derive(Serialize)]
-struct Kicked {
-    kicked: String,
-    code: u16,
-}
-
-async fn kick(
-    State(state): State<Shared>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> ApiResult<Kicked> {
-    let body: KickBody = if body.is_empty() {
-        KickBody::default()
-    } else {
-        json_body(&body)?
-    };
-    let code = body.code.unwrap_or(crate::protocol::close::POLICY);
-    if !(4000..=4999).contains(&code) {
-        return Err(bad_request(format!(
-            "code must be an application close code, 4000–4999, not {code}"
-        )));
-    }
-    let reason = body
-        .reason
-        .unwrap_or_else(|| "kicked by an operator".to_owned());
-    if reason.len() > 120 {
-        return Err(bad_request(
-            "reason must be at most 120 bytes (a close frame's limit)",
-        ));
-    }
-    let connection = state
-        .broker
-        .connections()
-        .get(&id)
-        .ok_or_else(|| not_found_error(format!("no open connection {id:?}")))?;
-    if !connection.send(Control::Kick { code, reason }) {
-        return Err(not_found_error(format!(
-            "connection {id:?} has just closed"
-        )));
-    }
-    Ok(axum::Json(Kicked { kicked: id, code }))
 }
 
 async fn dashboard() -> Response {

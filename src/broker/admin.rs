@@ -2,6 +2,13 @@
 //! at the log, purging and deleting channels, moving consumers. The admin
 //! API (`crate::admin`) serves these as JSON; the views serialize as the
 //! API's schemas in `proto/admin.openapi.yaml`.
+//!
+//! In a cluster the shared store is the truth about durable channels: views
+//! read a channel's numbers from it, whether this node has the channel in
+//! memory or not, and operations on a channel this node never used load it
+//! first (never creating one). What only memory knows (subscribers, publish
+//! rate, live consumers) is this node's; the admin API asks the other nodes
+//! for theirs.
 
 use std::sync::Arc;
 
@@ -14,7 +21,7 @@ use crate::config::NamespacePolicy;
 use crate::delivery::{Consumer, ConsumerMode, ConsumerState};
 use crate::protocol::{ChannelName, Headers};
 use crate::session::registry::Control;
-use crate::storage::{ConsumerRecord, MessageRecord};
+use crate::storage::{ConsumerRecord, LoadedChannel, MessageRecord};
 
 /// A channel in a list.
 #[derive(Debug, Clone, Serialize)]
@@ -79,6 +86,8 @@ pub struct ConsumerInfo {
     pub redeliveries: u64,
     pub connected: bool,
     pub subscriptions: usize,
+    /// The nodes where it has live subscriptions.
+    pub nodes: Vec<String>,
 }
 
 /// A channel with its policy and consumers.
@@ -170,17 +179,45 @@ impl Broker {
         }
     }
 
-    /// Channels whose names start with `prefix`, after `after`, by name.
-    pub fn channel_page(
+    /// A stored channel's numbers, from its stored state; subscribers and
+    /// publish rate are this node's (0 when it does not have it in memory).
+    fn loaded_summary(&self, loaded: &LoadedChannel) -> ChannelSummary {
+        let memory = lock(&self.channels).get(&loaded.name).cloned();
+        ChannelSummary {
+            name: loaded.name.clone(),
+            namespace: ChannelName::new(&loaded.name)
+                .map(|n| n.namespace().to_owned())
+                .unwrap_or_default(),
+            durable: true,
+            epoch: loaded.record.epoch.clone(),
+            first_seq: loaded.first_seq,
+            last_seq: loaded.last_seq,
+            messages: (loaded.last_seq + 1).saturating_sub(loaded.first_seq),
+            bytes: loaded.bytes,
+            publish_rate: memory.as_ref().map_or(0.0, |c| c.publish_rate()),
+            subscribers: memory.as_ref().map_or(0, |c| c.subscribers()),
+            dead_letters: loaded.dead_letters,
+        }
+    }
+
+    /// Channels in memory whose names start with `prefix`, after `after`,
+    /// by name (only the ephemeral ones with `ephemeral_only`).
+    fn channel_page(
         &self,
         prefix: &str,
         after: Option<&str>,
         limit: usize,
+        ephemeral_only: bool,
     ) -> Vec<Arc<Channel>> {
         let channels = lock(&self.channels);
         let mut names: Vec<&String> = channels
-            .keys()
-            .filter(|n| n.starts_with(prefix) && after.is_none_or(|a| n.as_str() > a))
+            .iter()
+            .filter(|(n, c)| {
+                n.starts_with(prefix)
+                    && after.is_none_or(|a| n.as_str() > a)
+                    && !(ephemeral_only && c.is_durable())
+            })
+            .map(|(n, _)| n)
             .collect();
         names.sort();
         names
@@ -190,17 +227,158 @@ impl Broker {
             .collect()
     }
 
-    /// A channel with its policy and every consumer: those in memory and
-    /// those only stored.
-    pub async fn channel_detail(&self, name: &ChannelName) -> Result<ChannelDetail, BrokerError> {
+    /// Up to `limit` channels whose names start with `prefix`, after
+    /// `after`, by name. In a cluster: the durable channels of the shared
+    /// store (whether this node has them in memory or not) and this node's
+    /// ephemeral ones.
+    pub async fn channel_list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ChannelSummary>, BrokerError> {
+        let clustered = self.clustered();
+        let memory = self.channel_page(prefix, after, limit, clustered);
+        let mut page: std::collections::BTreeMap<String, ChannelSummary> = memory
+            .iter()
+            .map(|c| (c.name().as_str().to_owned(), self.channel_summary(c)))
+            .collect();
+        if clustered {
+            let (store, prefix, after) = (
+                Arc::clone(&self.store),
+                prefix.to_owned(),
+                after.map(str::to_owned),
+            );
+            let stored = tokio::task::spawn_blocking(move || {
+                store.shared().map_or(Ok(Vec::new()), |shared| {
+                    shared.channel_page(&prefix, after.as_deref(), limit)
+                })
+            })
+            .await
+            .map_err(|e| BrokerError::Internal(e.to_string()))??;
+            for loaded in &stored {
+                page.insert(loaded.name.clone(), self.loaded_summary(loaded));
+            }
+        }
+        Ok(page.into_values().take(limit).collect())
+    }
+
+    /// How many channels there are: in a cluster, the stored ones and this
+    /// node's ephemeral ones.
+    pub async fn channel_count(&self) -> Result<usize, BrokerError> {
+        if !self.clustered() {
+            return Ok(lock(&self.channels).len());
+        }
+        let ephemeral = lock(&self.channels)
+            .values()
+            .filter(|c| !c.is_durable())
+            .count();
+        let store = Arc::clone(&self.store);
+        let stored = tokio::task::spawn_blocking(move || {
+            store
+                .shared()
+                .map_or(Ok(0), |shared| shared.channel_count())
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(e.to_string()))??;
+        Ok(usize::try_from(stored)
+            .unwrap_or(usize::MAX)
+            .saturating_add(ephemeral))
+    }
+
+    /// The stored state of channel `name`, in a cluster (`None` on sled or
+    /// when it is not stored).
+    async fn load_stored(&self, name: &ChannelName) -> Result<Option<LoadedChannel>, BrokerError> {
+        if !self.clustered() {
+            return Ok(None);
+        }
+        let (store, name) = (Arc::clone(&self.store), name.as_str().to_owned());
+        tokio::task::spawn_blocking(move || {
+            store
+                .shared()
+                .map_or(Ok(None), |shared| shared.load_channel(&name))
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(e.to_string()))?
+        .map_err(BrokerError::from)
+    }
+
+    /// A stored channel as a [`Channel`], durable whatever its namespace
+    /// says now (as at start-up); not registered.
+    fn stored_as_channel(&self, name: &ChannelName, loaded: &LoadedChannel) -> Channel {
+        let mut policy = self.config.policy(name.namespace()).clone();
+        policy.durable = true;
+        self.build_channel(name.clone(), policy, loaded, self.new_dedup())
+    }
+
+    /// A channel to read, with its numbers; never creates one. In a cluster
+    /// a durable channel is read from the shared store (fresh numbers
+    /// whether this node has it in memory or not, subscribers and rate
+    /// from memory) as a channel this node does not register; otherwise it
+    /// is the channel in memory.
+    pub async fn channel_view(
+        &self,
+        name: &ChannelName,
+    ) -> Result<(Arc<Channel>, ChannelSummary), BrokerError> {
+        if let Some(loaded) = self.load_stored(name).await? {
+            let summary = self.loaded_summary(&loaded);
+            return Ok((Arc::new(self.stored_as_channel(name, &loaded)), summary));
+        }
         let channel = self.existing_channel(name)?;
+        if self.clustered() && channel.is_durable() {
+            // Gone from the store: deleted on another node.
+            return Err(BrokerError::NotFound(format!("no channel {name}")));
+        }
         let summary = self.channel_summary(&channel);
+        Ok((channel, summary))
+    }
+
+    /// A channel that exists, to change it: the one in memory, else (in a
+    /// cluster) the stored one, loaded into memory as a client's first use
+    /// on this node would. Never creates one.
+    pub(crate) async fn stored_channel(
+        &self,
+        name: &ChannelName,
+    ) -> Result<Arc<Channel>, BrokerError> {
+        if let Ok(channel) = self.existing_channel(name) {
+            return Ok(channel);
+        }
+        let loaded = self
+            .load_stored(name)
+            .await?
+            .ok_or_else(|| BrokerError::NotFound(format!("no channel {name}")))?;
+        let mut channels = lock(&self.channels);
+        if let Some(channel) = channels.get(name.as_str()) {
+            // A request loaded it meanwhile.
+            return Ok(Arc::clone(channel));
+        }
+        let channel = Arc::new(self.stored_as_channel(name, &loaded));
+        channels.insert(name.as_str().to_owned(), Arc::clone(&channel));
+        Ok(channel)
+    }
+
+    /// A channel with its policy and every consumer: those in memory and
+    /// those only stored. With `local`, only what this node has in memory:
+    /// the channel (else `NotFound`), its numbers and the consumers loaded
+    /// here (what the other nodes of a cluster ask for).
+    pub async fn channel_detail(
+        &self,
+        name: &ChannelName,
+        local: bool,
+    ) -> Result<ChannelDetail, BrokerError> {
+        let (channel, summary) = if local {
+            let channel = self.existing_channel(name)?;
+            let summary = self.channel_summary(&channel);
+            (channel, summary)
+        } else {
+            self.channel_view(name).await?
+        };
         let loaded: Vec<Arc<Consumer>> = lock(&self.consumers)
             .iter()
             .filter(|((c, _), _)| c == name.as_str())
             .map(|(_, consumer)| Arc::clone(consumer))
             .collect();
-        let stored = if channel.is_durable() {
+        let stored = if channel.is_durable() && !local {
             let (store, id) = (Arc::clone(&self.store), channel.id());
             tokio::task::spawn_blocking(move || store.list_consumers(id))
                 .await
@@ -212,7 +390,7 @@ impl Broker {
         for consumer in &loaded {
             let state = consumer.lock();
             consumers.push((
-                loaded_info(consumer.key(), &state, summary.last_seq),
+                loaded_info(consumer.key(), &state, summary.last_seq, self.node.id()),
                 state.oldest_unacked(summary.last_seq),
             ));
         }
@@ -268,15 +446,15 @@ impl Broker {
             .map(|record| record.ts)
     }
 
-    /// Up to `limit` messages with seqs in `from..=to`, oldest first.
+    /// Up to `limit` messages of `channel` (from [`Broker::channel_view`])
+    /// with seqs in `from..=to`, oldest first.
     pub async fn peek(
         &self,
-        name: &ChannelName,
+        channel: &Arc<Channel>,
         from: u64,
         to: u64,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, BrokerError> {
-        let channel = self.existing_channel(name)?;
         let to = to.min(channel.head());
         if from > to {
             return Ok(Vec::new());
@@ -314,9 +492,11 @@ impl Broker {
     /// the name creates the channel anew, with a new epoch. Returns the
     /// number of stored messages removed.
     pub async fn delete_channel(&self, name: &ChannelName) -> Result<u64, BrokerError> {
-        let channel = self
-            .forget_channel(name, None)
-            .ok_or_else(|| BrokerError::NotFound(format!("no channel {name}")))?;
+        let channel = match self.forget_channel(name, None) {
+            Some(channel) => channel,
+            // In a cluster: a stored channel this node never used.
+            None => self.channel_view(name).await?.0,
+        };
         if !channel.is_durable() {
             let (messages, _) = channel.stored();
             return Ok(messages);
@@ -384,7 +564,7 @@ impl Broker {
         key: &str,
         seq: u64,
     ) -> Result<ConsumerInfo, BrokerError> {
-        let channel = self.existing_channel(name)?;
+        let channel = self.stored_channel(name).await?;
         let head = channel.head();
         if seq > head {
             return Err(BrokerError::BadRequest(format!(
@@ -405,6 +585,11 @@ impl Broker {
             )));
         }
         let persistent = channel.is_durable() && !key.starts_with("s/");
+        if persistent {
+            self.take_lease(&channel, key)
+                .await
+                .map_err(super::served_elsewhere)?;
+        }
         let (consumer, _) = self
             .consumer(&channel, key, mode_of(key), persistent)
             .await?;
@@ -420,7 +605,7 @@ impl Broker {
         }
         tracing::info!(channel = %name, consumer = key, seq, "consumer reset by an operator");
         let state = consumer.lock();
-        Ok(loaded_info(consumer.key(), &state, head))
+        Ok(loaded_info(consumer.key(), &state, head, self.node.id()))
     }
 
     /// Samples every channel's publish rate; call about once a second.
@@ -443,7 +628,8 @@ impl Broker {
     }
 }
 
-fn loaded_info(key: &str, state: &ConsumerState, last_seq: u64) -> ConsumerInfo {
+fn loaded_info(key: &str, state: &ConsumerState, last_seq: u64, node: &str) -> ConsumerInfo {
+    let connected = state.subscriptions() > 0;
     ConsumerInfo {
         name: key.to_owned(),
         kind: kind(state.mode()),
@@ -453,8 +639,13 @@ fn loaded_info(key: &str, state: &ConsumerState, last_seq: u64) -> ConsumerInfo 
         scheduled: state.scheduled(),
         oldest_unacked_age_ms: None,
         redeliveries: state.redelivered(),
-        connected: state.subscriptions() > 0,
+        connected,
         subscriptions: state.subscriptions(),
+        nodes: if connected {
+            vec![node.to_owned()]
+        } else {
+            Vec::new()
+        },
     }
 }
 
@@ -470,6 +661,7 @@ fn stored_info(key: String, record: &ConsumerRecord, last_seq: u64) -> ConsumerI
         redeliveries: 0,
         connected: false,
         subscriptions: 0,
+        nodes: Vec::new(),
     }
 }
 

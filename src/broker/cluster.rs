@@ -86,6 +86,13 @@ impl Node {
     }
 }
 
+/// The node a connection id names: the `<node id>` of `c<n>-<node id>`
+/// ([`Broker::next_connection_id`]); `None` for a single node's `c<n>`.
+pub fn node_of_connection(id: &str) -> Option<&str> {
+    let (_, node) = id.rsplit_once('-')?;
+    (!node.is_empty() && node.bytes().all(|b| b.is_ascii_hexdigit())).then_some(node)
+}
+
 /// The live nodes of the cluster (just this one on sled). Blocking.
 pub fn live_nodes(broker: &Broker) -> Result<Vec<NodeInfo>, crate::storage::StoreError> {
     let Some(shared) = broker.store.shared() else {
@@ -346,5 +353,18 @@ async fn poll_heads(broker: &Arc<Broker>) {
     .await;
     if let Ok(Err(e)) = result {
         tracing::debug!(error = %e, "polling channel heads failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::node_of_connection;
+
+    #[test]
+    fn a_connection_id_names_its_node_in_a_cluster() {
+        assert_eq!(node_of_connection("c42-0a1b2c3d4e5f"), Some("0a1b2c3d4e5f"));
+        assert_eq!(node_of_connection("c42"), None);
+        assert_eq!(node_of_connection("c42-"), None);
+        assert_eq!(node_of_connection("c-fake"), None);
     }
 }

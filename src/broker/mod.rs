@@ -90,6 +90,17 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// An operator's change to a consumer that another node serves: refused
+/// with the node to ask (its state is that node's to change).
+pub(crate) fn served_elsewhere(e: BrokerError) -> BrokerError {
+    match e {
+        BrokerError::Elsewhere(node) => BrokerError::Conflict(format!(
+            "this consumer is served by cluster node {node} now; make the change through that node's admin API (GET /admin/info lists the nodes)"
+        )),
+        e => e,
+    }
+}
+
 /// Runs blocking I/O from sync code that may be on the runtime: on a
 /// multi-threaded runtime the worker hands its other tasks away first.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -388,6 +399,18 @@ impl Broker {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// A fresh connection id: `c<n>`, and in a cluster `c<n>-<node id>`, so
+    /// that an id names one connection across the nodes and the node that
+    /// holds it (see [`cluster::node_of_connection`]).
+    pub fn next_connection_id(&self) -> String {
+        let n = self.next_id();
+        if self.clustered() {
+            format!("c{n}-{}", self.node.id())
+        } else {
+            format!("c{n}")
+        }
+    }
+
     /// The channel named `name`, created on first use. In a cluster the
     /// first use on this node finds (or creates) it in the shared store.
     pub fn channel(&self, name: &ChannelName) -> Result<Arc<Channel>, BrokerError> {
@@ -474,6 +497,11 @@ impl Broker {
     /// This node of the cluster (a single node has an id too).
     pub fn node(&self) -> &cluster::Node {
         &self.node
+    }
+
+    /// Whether this node is one of a cluster (the store is Redis).
+    pub fn clustered(&self) -> bool {
+        self.store.shared().is_some()
     }
 
     /// Whether the broker can serve: in a cluster, whether Redis answers.
@@ -603,7 +631,7 @@ impl Broker {
     /// Cluster mode: makes sure this node serves consumer `key` (a durable
     /// consumer lives on one node at a time), taking its lease unless it is
     /// in memory here already. `Elsewhere` names the node that serves it.
-    async fn take_lease(&self, channel: &Channel, key: &str) -> Result<(), BrokerError> {
+    pub(crate) async fn take_lease(&self, channel: &Channel, key: &str) -> Result<(), BrokerError> {
         if self.store.shared().is_none()
             || lock(&self.consumers)
                 .contains_key(&(channel.name().as_str().to_owned(), key.to_owned()))
@@ -791,7 +819,7 @@ impl Broker {
         seqs: std::ops::RangeInclusive<u64>,
         limit: usize,
     ) -> Result<Vec<DeadLetterRecord>, BrokerError> {
-        let channel = self.existing_channel(channel)?;
+        let (channel, _) = self.channel_view(channel).await?;
         let store = Arc::clone(&self.store);
         let id = channel.id();
         tokio::task::spawn_blocking(move || {
@@ -853,7 +881,7 @@ impl Broker {
         action: DlqAction,
     ) -> Result<usize, BrokerError> {
         let entries = self.dlq_select(channel, seqs, consumer).await?;
-        let channel = self.existing_channel(channel)?;
+        let channel = self.stored_channel(channel).await?;
         let mut removed = 0;
         for entry in entries {
             if action == DlqAction::Requeue {
@@ -862,6 +890,9 @@ impl Broker {
                 } else {
                     ConsumerMode::Fanout
                 };
+                self.take_lease(&channel, &entry.consumer)
+                    .await
+                    .map_err(served_elsewhere)?;
                 let (target, _) = self.consumer(&channel, &entry.consumer, mode, true).await?;
                 target.update(|state| state.requeue(entry.seq)).await;
                 target.wake();

@@ -135,7 +135,8 @@ enum AdminCommand {
         /// The new floor (0 replays the whole channel).
         seq: u64,
     },
-    /// List open client connections, oldest first.
+    /// List open client connections (in a cluster, every node's), by node,
+    /// then oldest first.
     Connections {
         /// Page size (1–1000).
         #[arg(long)]
@@ -155,7 +156,7 @@ enum AdminCommand {
         #[arg(long)]
         reason: Option<String>,
     },
-    /// The broker's version, uptime and totals.
+    /// The broker's version, uptime and totals, and the nodes of its cluster.
     Info,
 }
 
@@ -674,6 +675,9 @@ struct ChannelDetail {
     durable: bool,
     policy: Value,
     consumers: Vec<ConsumerInfo>,
+    /// Cluster nodes that did not answer.
+    #[serde(default)]
+    unreachable: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -688,6 +692,9 @@ struct ConsumerInfo {
     redeliveries: u64,
     connected: bool,
     subscriptions: u64,
+    /// The nodes where it has live subscriptions.
+    #[serde(default)]
+    nodes: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -735,6 +742,9 @@ struct DeadLetterPage {
 #[derive(Debug, Deserialize)]
 struct ConnectionInfo {
     id: String,
+    /// The node that holds it.
+    #[serde(default)]
+    node: String,
     user: Option<String>,
     remote: Option<String>,
     transport: String,
@@ -748,11 +758,26 @@ struct ConnectionInfo {
 struct ConnectionPage {
     connections: Vec<ConnectionInfo>,
     next: Option<String>,
+    /// Cluster nodes that did not answer.
+    #[serde(default)]
+    unreachable: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct NodeInfo {
+    id: String,
+    listen: String,
+    admin: String,
+    started_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
 struct Info {
     version: String,
+    #[serde(default)]
+    node: String,
+    #[serde(default)]
+    nodes: Vec<NodeInfo>,
     started_ms: u64,
     uptime_s: u64,
     connections: u64,
@@ -856,6 +881,7 @@ fn print_channel(detail: ChannelDetail) -> anyhow::Result<()> {
                 consumer.redeliveries.to_string(),
                 if consumer.connected { "yes" } else { "no" }.to_owned(),
                 consumer.subscriptions.to_string(),
+                list_or_dash(&consumer.nodes),
             ]
         })
         .collect();
@@ -873,11 +899,32 @@ fn print_channel(detail: ChannelDetail) -> anyhow::Result<()> {
                 "REDELIVERIES",
                 "CONNECTED",
                 "SUBS",
+                "NODES",
             ],
             rows
         )
     );
+    warn_unreachable(&detail.unreachable, "subscribers and live consumers");
     Ok(())
+}
+
+/// `items` joined with commas (escaped), or `-` when there is none.
+fn list_or_dash(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".into()
+    } else {
+        terminal_safe(&items.join(","))
+    }
+}
+
+/// Says on stderr which cluster nodes did not answer, and what is missing.
+fn warn_unreachable(nodes: &[String], missing: &str) {
+    if !nodes.is_empty() {
+        eprintln!(
+            "nodes that did not answer (their {missing} are missing): {}",
+            terminal_safe(&nodes.join(", "))
+        );
+    }
 }
 
 fn print_messages(page: MessagePage) -> anyhow::Result<()> {
@@ -953,6 +1000,11 @@ fn print_connections(page: ConnectionPage) -> anyhow::Result<()> {
             .map(|c| {
                 vec![
                     terminal_safe(&c.id),
+                    if c.node.is_empty() {
+                        "-".into()
+                    } else {
+                        terminal_safe(&c.node)
+                    },
                     c.user.as_deref().map_or_else(|| "-".into(), terminal_safe),
                     c.remote
                         .as_deref()
@@ -974,6 +1026,7 @@ fn print_connections(page: ConnectionPage) -> anyhow::Result<()> {
             table(
                 &[
                     "ID",
+                    "NODE",
                     "USER",
                     "REMOTE",
                     "TRANSPORT",
@@ -989,11 +1042,15 @@ fn print_connections(page: ConnectionPage) -> anyhow::Result<()> {
     if let Some(next) = page.next {
         eprintln!("more: --after {}", terminal_safe(&next));
     }
+    warn_unreachable(&page.unreachable, "connections");
     Ok(())
 }
 
 fn print_info(info: Info) -> anyhow::Result<()> {
     println!("version      {}", terminal_safe(&info.version));
+    if !info.node.is_empty() {
+        println!("node         {}", terminal_safe(&info.node));
+    }
     println!(
         "started      {} (up {})",
         timestamp(info.started_ms),
@@ -1003,6 +1060,22 @@ fn print_info(info: Info) -> anyhow::Result<()> {
     println!("channels     {}", info.channels);
     println!("data dir     {}", terminal_safe(&info.data_dir));
     println!("fsync        {}", terminal_safe(&info.fsync));
+    if !info.nodes.is_empty() {
+        println!();
+        let rows = info
+            .nodes
+            .iter()
+            .map(|n| {
+                vec![
+                    terminal_safe(&n.id),
+                    terminal_safe(&n.listen),
+                    terminal_safe(&n.admin),
+                    timestamp(n.started_ms),
+                ]
+            })
+            .collect();
+        print!("{}", table(&["NODE", "LISTEN", "ADMIN", "STARTED"], rows));
+    }
     Ok(())
 }
 

@@ -531,6 +531,8 @@ impl Session {
     async fn on_control(&mut self, control: Control) -> Result<(), Closed> {
         match control {
             Control::Kick { code, reason } => {
+                // A second kick finds it gone, even before the socket closes.
+                self.registration.handle().closing();
                 tracing::info!(conn_id = %self.registration.handle().id, code, "kicked by an operator");
                 self.drain_pending().await?;
                 self.close(code, &reason).await;

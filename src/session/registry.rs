@@ -90,6 +90,12 @@ impl ConnectionHandle {
         lock(&self.state).subscriptions.get(channel).copied()
     }
 
+    /// The session is closing (a kick): it takes no more requests, and the
+    /// registry no longer finds it by id, though it is listed until gone.
+    pub(crate) fn closing(&self) {
+        self.ended.store(true, Ordering::Release);
+    }
+
     /// Asks the session to act; false when it has already ended.
     pub fn send(&self, control: Control) -> bool {
         if self.ended.load(Ordering::Acquire) {
@@ -289,9 +295,12 @@ impl Connections {
             .collect()
     }
 
-    /// The connection with this id.
+    /// The connection with this id, unless it is closing.
     pub fn get(&self, id: &str) -> Option<Arc<ConnectionHandle>> {
-        lock(&self.by_order).values().find(|h| h.id == id).cloned()
+        lock(&self.by_order)
+            .values()
+            .find(|h| h.id == id && !h.ended.load(Ordering::Acquire))
+            .cloned()
     }
 
     /// Connections subscribed to `channel`, oldest first.

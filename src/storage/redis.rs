@@ -1364,6 +1364,86 @@ impl RedisStore {
     }
 }
 
+/// Channels scanned per `HSCAN` round trip by [`RedisStore::channel_page`].
+const SCAN_CHUNK: usize = 1000;
+
+/// A `MATCH` pattern for names starting with `prefix` (glob characters escaped).
+fn prefix_pattern(prefix: &str) -> String {
+    let mut pattern = String::with_capacity(prefix.len() + 1);
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('*');
+    pattern
+}
+
+/// What the admin API reads of the shared channel list.
+impl RedisStore {
+    /// Up to `limit` stored channels whose names start with `prefix` and
+    /// come after `after`, by name, with their state. Walks the channel hash
+    /// with `HSCAN` (so Redis never blocks on a long reply) and keeps only
+    /// the `limit` first names in memory; the state of those is fetched as
+    /// [`RedisStore::load_channels`] does.
+    pub fn channel_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<LoadedChannel>, StoreError> {
+        let key = self.channels_key();
+        let pattern = prefix_pattern(prefix);
+        let mut page: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let mut cursor = String::from("0");
+        loop {
+            let (next, flat): (String, Vec<Vec<u8>>) = self.run(|con| {
+                redis::cmd("HSCAN")
+                    .arg(&key)
+                    .arg(&cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_CHUNK)
+                    .query(con)
+            })?;
+            for pair in flat.chunks_exact(2) {
+                let name = String::from_utf8_lossy(&pair[0]).into_owned();
+                let wanted = name.starts_with(prefix)
+                    && after.is_none_or(|a| name.as_str() > a)
+                    && (page.len() < limit
+                        || page.last_key_value().is_some_and(|(l, _)| &name < l));
+                if wanted {
+                    page.insert(name, pair[1].clone());
+                    if page.len() > limit {
+                        page.pop_last();
+                    }
+                }
+            }
+            if next == "0" {
+                break;
+            }
+            cursor = next;
+        }
+        let mut channels = Vec::with_capacity(page.len());
+        for (name, value) in page {
+            channels.push((name, decode::<ChannelRecord>("channels", &value)?));
+        }
+        let mut out = Vec::with_capacity(channels.len());
+        for chunk in channels.chunks(LOAD_CHUNK) {
+            out.extend(self.load_states(chunk)?);
+        }
+        Ok(out)
+    }
+
+    /// How many channels are stored.
+    pub fn channel_count(&self) -> Result<u64, StoreError> {
+        let key = self.channels_key();
+        self.run(|con| redis::cmd("HLEN").arg(&key).query(con))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{BufRead, BufReader};

@@ -417,7 +417,7 @@ pub async fn open(
         ));
     }
     let info = ConnectionInfo {
-        conn_id: format!("c{}", app.broker.next_id()),
+        conn_id: app.broker.next_connection_id(),
         remote: Some(remote),
         transport: kind,
         credentials: None,

@@ -175,7 +175,7 @@ async fn serve_socket(
     let (sink, stream) = socket.split();
     let (out_tx, out_rx) = mpsc::channel(server.outbound_buffer);
     let info = ConnectionInfo {
-        conn_id: format!("c{}", app.broker.next_id()),
+        conn_id: app.broker.next_connection_id(),
         remote: Some(remote),
         transport: "ws",
         credentials,
