@@ -40,6 +40,10 @@ pub enum ServerError {
         "cannot listen on {0} for the admin API ({1}); pick another address with --admin-listen or COURIER_ADMIN_LISTEN"
     )]
     AdminListen(SocketAddr, std::io::Error),
+    #[error(
+        "cannot read or write the admin token in {0} ({1}); make the data dir writable, or set [admin] token or COURIER_ADMIN_TOKEN"
+    )]
+    AdminToken(std::path::PathBuf, std::io::Error),
 }
 
 /// A running broker: its handle for callers in the same process (tests,
@@ -84,7 +88,8 @@ impl Server {
         let admin_addr = admin_listener.local_addr()?;
         broker.node().set_addresses(addr, admin_addr);
         let (admin_token, source) =
-            resolve_token(config.admin.token.as_deref(), &config.server.data_dir)?;
+            resolve_token(config.admin.token.as_deref(), &config.server.data_dir)
+                .map_err(|e| ServerError::AdminToken(config.server.data_dir.clone(), e))?;
         let cancel = CancellationToken::new();
         let admin = admin::router(AdminState {
             broker: Arc::clone(&broker),

@@ -520,3 +520,19 @@ async fn an_operator_changes_a_consumer_through_the_node_that_serves_it() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["floor"], 3, "{body}");
 }
+
+#[tokio::test]
+async fn a_cluster_node_without_an_admin_token_makes_one_in_a_fresh_data_dir() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[storage]\nbackend = \"redis\"\nredis_url = \"{}\"\n",
+        redis.url()
+    );
+    // `data/` does not exist yet: on Redis nothing else would create it.
+    let node = ChildBroker::start(dir.path(), &config);
+    let token = std::fs::read_to_string(dir.path().join("data").join("admin.token"))
+        .expect("the generated token is stored");
+    let info = node.admin(token.trim()).get("/admin/info").await;
+    assert_eq!(info["nodes"].as_array().unwrap().len(), 1, "{info}");
+}

@@ -37,6 +37,8 @@ pub fn resolve_token(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
+    // A cluster node on Redis has not made its data dir (sled does that).
+    std::fs::create_dir_all(data_dir)?;
     let bytes: [u8; 24] = rand::rng().random();
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let mut options = std::fs::OpenOptions::new();
