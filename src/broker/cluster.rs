@@ -217,6 +217,12 @@ pub async fn follow(broker: Arc<Broker>, cancel: CancellationToken) {
         shared.events_channel(),
         shared.node_channel(broker.node.id()),
     );
+    let notices = Arc::new(Notices::default());
+    tokio::spawn(catch_up(
+        Arc::clone(&broker),
+        Arc::clone(&notices),
+        cancel.clone(),
+    ));
     let mut connected_before = false;
     while !cancel.is_cancelled() {
         let pubsub = async {
@@ -266,7 +272,7 @@ pub async fn follow(broker: Arc<Broker>, cancel: CancellationToken) {
                     }
                     let Ok(payload) = message.get_payload::<String>() else { continue };
                     if from == notify {
-                        on_notice(&broker, &payload).await;
+                        notices.add(&payload);
                     } else {
                         on_event(&broker, &payload).await;
                     }
@@ -277,25 +283,64 @@ pub async fn follow(broker: Arc<Broker>, cancel: CancellationToken) {
     }
 }
 
-/// `"<channel id> <seq>"`: another node appended up to `seq`.
-async fn on_notice(broker: &Arc<Broker>, payload: &str) {
-    let mut parts = payload.split(' ');
-    let (Some(Ok(id)), Some(Ok(seq))) = (
-        parts.next().map(str::parse::<u64>),
-        parts.next().map(str::parse::<u64>),
-    ) else {
-        return;
-    };
-    let Some(channel) = broker.channel_by_id(id) else {
-        return;
-    };
-    if channel.head() >= seq {
-        return;
+/// Notices not yet acted on: the highest seq heard per channel id. Notices
+/// that arrive while a catch-up runs fold into one read per channel.
+#[derive(Default)]
+struct Notices {
+    heads: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Notices {
+    /// `"<channel id> <seq>"`: another node appended up to `seq`.
+    fn add(&self, payload: &str) {
+        let mut parts = payload.split(' ');
+        let (Some(Ok(id)), Some(Ok(seq))) = (
+            parts.next().map(str::parse::<u64>),
+            parts.next().map(str::parse::<u64>),
+        ) else {
+            return;
+        };
+        {
+            let mut heads = self.heads.lock().unwrap_or_else(|e| e.into_inner());
+            let head = heads.entry(id).or_insert(seq);
+            *head = (*head).max(seq);
+        }
+        self.wake.notify_one();
     }
-    let store = Arc::clone(&broker.store);
-    let result = tokio::task::spawn_blocking(move || channel.catch_up(&store, seq, &[])).await;
-    if let Ok(Err(e)) = result {
-        tracing::warn!(error = %e, "catching up with another node's appends failed");
+
+    fn take(&self) -> std::collections::HashMap<u64, u64> {
+        std::mem::take(&mut *self.heads.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Brings the channels in memory up to the seqs other nodes announced.
+async fn catch_up(broker: Arc<Broker>, notices: Arc<Notices>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = notices.wake.notified() => {}
+        }
+        let behind: Vec<(Arc<super::Channel>, u64)> = notices
+            .take()
+            .into_iter()
+            .filter_map(|(id, seq)| broker.channel_by_id(id).map(|c| (c, seq)))
+            .filter(|(channel, seq)| channel.head() < *seq)
+            .collect();
+        if behind.is_empty() {
+            continue;
+        }
+        let store = Arc::clone(&broker.store);
+        let result = tokio::task::spawn_blocking(move || {
+            for (channel, seq) in behind {
+                channel.catch_up(&store, seq, &[])?;
+            }
+            Ok::<_, crate::storage::StoreError>(())
+        })
+        .await;
+        if let Ok(Err(e)) = result {
+            tracing::warn!(error = %e, "catching up with another node's appends failed");
+        }
     }
 }
 
