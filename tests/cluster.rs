@@ -536,3 +536,41 @@ async fn a_cluster_node_without_an_admin_token_makes_one_in_a_fresh_data_dir() {
     let info = node.admin(token.trim()).get("/admin/info").await;
     assert_eq!(info["nodes"].as_array().unwrap().len(), 1, "{info}");
 }
+
+#[tokio::test]
+async fn ephemeral_messages_reach_subscribers_on_every_node_once() {
+    const CHANNEL: &str = "live:cursor";
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}\n[namespaces.live]\ndurable = false\n",
+        node_config(&redis)
+    );
+    let nodes: Vec<ChildBroker> = (0..2)
+        .map(|i| {
+            let node_dir = dir.path().join(format!("node{i}"));
+            std::fs::create_dir_all(&node_dir).unwrap();
+            ChildBroker::start(&node_dir, &config)
+        })
+        .collect();
+    let mut here = Client::connect(&nodes[0].url(), Codec::Json).await;
+    let mut there = Client::connect(&nodes[1].url(), Codec::MsgPack).await;
+    here.subscribe(sub(CHANNEL)).await;
+    there.subscribe(sub(CHANNEL)).await;
+    let mut publisher = Client::connect(&nodes[0].url(), Codec::Json).await;
+    for i in 0..20 {
+        publisher
+            .publish(CHANNEL, format!("x={i}").as_bytes())
+            .await;
+    }
+    for (who, client) in [("same node", &mut here), ("other node", &mut there)] {
+        let got = client.deliveries(20).await;
+        let payloads: Vec<String> = got
+            .iter()
+            .map(|(_, data, _)| String::from_utf8(data.clone()).unwrap())
+            .collect();
+        let expected: Vec<String> = (0..20).map(|i| format!("x={i}")).collect();
+        assert_eq!(payloads, expected, "{who}");
+        client.expect_no_delivery(Duration::from_millis(300)).await;
+    }
+}

@@ -211,11 +211,12 @@ pub async fn follow(broker: Arc<Broker>, cancel: CancellationToken) {
     let Some(shared) = broker.store.shared() else {
         return;
     };
-    let (url, notify, events, inbox) = (
+    let (url, notify, events, inbox, ephemeral) = (
         shared.url().to_owned(),
         shared.notify_channel(),
         shared.events_channel(),
         shared.node_channel(broker.node.id()),
+        broker.relays().ephemeral_channel(),
     );
     let notices = Arc::new(Notices::default());
     tokio::spawn(catch_up(
@@ -231,6 +232,7 @@ pub async fn follow(broker: Arc<Broker>, cancel: CancellationToken) {
             pubsub.subscribe(&notify).await?;
             pubsub.subscribe(&events).await?;
             pubsub.subscribe(&inbox).await?;
+            pubsub.subscribe(&ephemeral).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };
         let pubsub = tokio::select! {
@@ -268,6 +270,10 @@ pub async fn follow(broker: Arc<Broker>, cancel: CancellationToken) {
                     let from = message.get_channel_name();
                     if from == inbox {
                         crate::session::relay::on_message(&broker, message.get_payload_bytes()).await;
+                        continue;
+                    }
+                    if from == ephemeral {
+                        crate::session::relay::on_ephemeral(&broker, message.get_payload_bytes());
                         continue;
                     }
                     let Ok(payload) = message.get_payload::<String>() else { continue };

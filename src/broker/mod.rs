@@ -557,9 +557,43 @@ impl Broker {
                 .await
                 .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))?;
         } else {
+            if self.store.shared().is_some() {
+                // At most once, like the channel: the other nodes hear it
+                // through pub/sub and deliver it to their own subscribers.
+                self.relays.broadcast_ephemeral(
+                    request.channel.name().as_str(),
+                    &request.data,
+                    request.headers.as_ref(),
+                );
+            }
             writer::publish_ephemeral(request);
         }
         Ok(rx)
+    }
+
+    /// Cluster mode: a message another node published to an ephemeral
+    /// channel, delivered to this node's subscribers.
+    pub(crate) fn publish_from_peer(&self, name: &str, data: Bytes, headers: Option<Headers>) {
+        let Ok(name) = ChannelName::new(name) else {
+            return;
+        };
+        // Only where someone listens: a node does not keep channels alive
+        // for messages nobody here reads.
+        let Some(channel) = lock(&self.channels).get(name.as_str()).cloned() else {
+            return;
+        };
+        if channel.is_durable() || channel.subscribers() == 0 {
+            return;
+        }
+        let (reply, _) = oneshot::channel();
+        writer::publish_ephemeral(AppendRequest {
+            channel,
+            data,
+            headers,
+            msg_id: None,
+            reply,
+            received: Instant::now(),
+        });
     }
 
     /// Attaches a new subscription to its consumer and positions it.

@@ -85,6 +85,32 @@ enum Relay {
 /// A message for another node: its pub/sub channel and the bytes.
 type Outbound = (String, Vec<u8>);
 
+/// A message published to an ephemeral channel on node `from`.
+#[derive(Debug, Serialize, Deserialize)]
+struct Ephemeral {
+    from: String,
+    channel: String,
+    #[serde(with = "serde_bytes")]
+    data: Vec<u8>,
+    headers: Option<crate::protocol::Headers>,
+}
+
+/// A message on the ephemeral pub/sub channel: delivered to this node's
+/// subscribers unless this node published it.
+pub fn on_ephemeral(broker: &Broker, bytes: &[u8]) {
+    let Ok(message) = rmp_serde::from_slice::<Ephemeral>(bytes) else {
+        return;
+    };
+    if message.from == broker.relays().me {
+        return;
+    }
+    broker.publish_from_peer(
+        &message.channel,
+        bytes::Bytes::from(message.data),
+        message.headers,
+    );
+}
+
 /// A link this node opened for one of its sessions.
 struct Link {
     owner: String,
@@ -152,6 +178,35 @@ impl Relays {
                 node,
                 "relay queue full: a message to another node was dropped"
             );
+        }
+    }
+
+    /// The pub/sub channel of messages published to ephemeral channels.
+    pub fn ephemeral_channel(&self) -> String {
+        format!("{}:ephemeral", self.prefix)
+    }
+
+    /// Sends a message published here to an ephemeral channel to every
+    /// other node (at most once: lost if pub/sub drops it).
+    pub(crate) fn broadcast_ephemeral(
+        &self,
+        channel: &str,
+        data: &bytes::Bytes,
+        headers: Option<&crate::protocol::Headers>,
+    ) {
+        let message = Ephemeral {
+            from: self.me.clone(),
+            channel: channel.to_owned(),
+            data: data.to_vec(),
+            headers: headers.cloned(),
+        };
+        let bytes = rmp_serde::to_vec_named(&message).unwrap_or_default();
+        if self
+            .outbox
+            .try_send((self.ephemeral_channel(), bytes))
+            .is_err()
+        {
+            tracing::warn!("relay queue full: an ephemeral message was not sent to the other nodes");
         }
     }
 
