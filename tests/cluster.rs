@@ -11,33 +11,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::sdk::{consume, seen_all};
+use common::cluster::{ADMIN_TOKEN, node_config, start_nodes};
+use common::sdk::{consume, fast_reconnect, seen_all};
 use common::{ChildBroker, Client, RedisServer, WAIT, http, sub};
-use courier::client::Backoff;
 use courier::protocol::{Codec, ErrorCode, StartFrom, Subscribe};
 use futures_util::StreamExt;
-
-const ADMIN_TOKEN: &str = "cluster-test-admin-token";
-
-/// A node's config: storage and retry queue on `redis`.
-fn node_config(redis: &RedisServer) -> String {
-    format!(
-        "[storage]\nbackend = \"redis\"\nredis_url = \"{url}\"\nprefix = \"test\"\n\n\
-         [admin]\ntoken = \"{ADMIN_TOKEN}\"\n",
-        url = redis.url()
-    )
-}
-
-/// `count` nodes, each in its own directory under `dir`.
-fn start_nodes(dir: &std::path::Path, redis: &RedisServer, count: usize) -> Vec<ChildBroker> {
-    (0..count)
-        .map(|i| {
-            let node_dir = dir.join(format!("node{i}"));
-            std::fs::create_dir_all(&node_dir).unwrap();
-            ChildBroker::start(&node_dir, &node_config(redis))
-        })
-        .collect()
-}
 
 fn from_first(channel: &str, consumer: &str) -> Subscribe {
     Subscribe {
@@ -47,22 +25,13 @@ fn from_first(channel: &str, consumer: &str) -> Subscribe {
     }
 }
 
-/// A quick reconnect schedule for tests.
-fn fast_reconnect() -> Backoff {
-    Backoff {
-        base: Duration::from_millis(50),
-        max: Duration::from_millis(500),
-        jitter: 0.2,
-    }
-}
-
 #[tokio::test]
 async fn a_publish_on_one_node_reaches_subscribers_on_the_others_in_order() {
     const COUNT: u64 = 300;
     const CHANNEL: &str = "room:cluster";
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let nodes = start_nodes(dir.path(), &redis, 3);
+    let nodes = start_nodes(dir.path(), &node_config(&redis, ""), 3);
 
     let mut on_2 = Client::connect(&nodes[1].url(), Codec::MsgPack).await;
     let mut on_3 = Client::connect(&nodes[2].url(), Codec::Json).await;
@@ -123,7 +92,7 @@ async fn sdk_clients_of_a_killed_node_resume_on_another_and_lose_nothing() {
     const CHANNEL: &str = "orders:cluster";
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = start_nodes(dir.path(), &redis, 3);
+    let mut nodes = start_nodes(dir.path(), &node_config(&redis, ""), 3);
     let urls: Vec<String> = nodes.iter().map(ChildBroker::url).collect();
     let connect = |name: &str| {
         courier::client::Client::builder(urls[0].clone())
@@ -230,7 +199,7 @@ async fn a_redis_restart_makes_nodes_unavailable_then_they_recover_with_nothing_
     const CHANNEL: &str = "jobs:restart";
     let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
     let dir = tempfile::tempdir().unwrap();
-    let nodes = start_nodes(dir.path(), &redis, 2);
+    let nodes = start_nodes(dir.path(), &node_config(&redis, ""), 2);
     let mut publisher = Client::connect(&nodes[0].url(), Codec::Json).await;
     let mut reader = Client::connect(&nodes[1].url(), Codec::MsgPack).await;
     reader.subscribe(from_first(CHANNEL, "reader")).await;
@@ -376,7 +345,7 @@ async fn a_queue_group_spread_over_three_nodes_acks_each_message_once() {
     const CHANNEL: &str = "work:cluster";
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let nodes = start_nodes(dir.path(), &redis, 3);
+    let nodes = start_nodes(dir.path(), &node_config(&redis, ""), 3);
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut members = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
@@ -439,7 +408,7 @@ async fn when_the_node_serving_a_consumer_dies_its_remote_members_move_on() {
     const CHANNEL: &str = "feed:owner";
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = start_nodes(dir.path(), &redis, 3);
+    let mut nodes = start_nodes(dir.path(), &node_config(&redis, ""), 3);
     let urls: Vec<String> = nodes.iter().map(ChildBroker::url).collect();
     // Node 1 serves consumer "shared" (its first subscriber is there)…
     let mut first = Client::connect(&urls[0], Codec::MsgPack).await;
@@ -483,7 +452,7 @@ async fn an_operator_changes_a_consumer_through_the_node_that_serves_it() {
     const CHANNEL: &str = "ops:reset";
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let nodes = start_nodes(dir.path(), &redis, 2);
+    let nodes = start_nodes(dir.path(), &node_config(&redis, ""), 2);
     let mut reader = Client::connect(&nodes[0].url(), Codec::MsgPack).await;
     reader.subscribe(from_first(CHANNEL, "r")).await;
     let mut publisher = Client::connect(&nodes[1].url(), Codec::MsgPack).await;
@@ -542,17 +511,8 @@ async fn ephemeral_messages_reach_subscribers_on_every_node_once() {
     const CHANNEL: &str = "live:cursor";
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        "{}\n[namespaces.live]\ndurable = false\n",
-        node_config(&redis)
-    );
-    let nodes: Vec<ChildBroker> = (0..2)
-        .map(|i| {
-            let node_dir = dir.path().join(format!("node{i}"));
-            std::fs::create_dir_all(&node_dir).unwrap();
-            ChildBroker::start(&node_dir, &config)
-        })
-        .collect();
+    let config = node_config(&redis, "[namespaces.live]\ndurable = false\n");
+    let nodes = start_nodes(dir.path(), &config, 2);
     let mut here = Client::connect(&nodes[0].url(), Codec::Json).await;
     let mut there = Client::connect(&nodes[1].url(), Codec::MsgPack).await;
     here.subscribe(sub(CHANNEL)).await;

@@ -9,31 +9,10 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{Admin, ChildBroker, Client, RedisServer, WAIT, sub};
+use common::cluster::{ADMIN_TOKEN, node_config, start_nodes};
+use common::{Admin, Client, RedisServer, WAIT, sub};
 use courier::protocol::{Codec, Connect, StartFrom, Subscribe};
 use serde_json::{Value, json};
-
-const ADMIN_TOKEN: &str = "cluster-test-admin-token";
-
-/// A node's config: storage on `redis`, the shared admin token.
-fn node_config(redis: &RedisServer) -> String {
-    format!(
-        "[storage]\nbackend = \"redis\"\nredis_url = \"{url}\"\nprefix = \"test\"\n\n\
-         [admin]\ntoken = \"{ADMIN_TOKEN}\"\n",
-        url = redis.url()
-    )
-}
-
-/// `count` nodes, each in its own directory under `dir`.
-fn start_nodes(dir: &std::path::Path, redis: &RedisServer, count: usize) -> Vec<ChildBroker> {
-    (0..count)
-        .map(|i| {
-            let node_dir = dir.join(format!("node{i}"));
-            std::fs::create_dir_all(&node_dir).unwrap();
-            ChildBroker::start(&node_dir, &node_config(redis))
-        })
-        .collect()
-}
 
 /// Polls `check` (every 100 ms) until it returns `Some`, for at most
 /// [`WAIT`]; `what` and the last value seen name the failure.
@@ -109,7 +88,7 @@ fn from_first(channel: &str, consumer: &str) -> Subscribe {
 async fn any_node_shows_the_whole_cluster_and_kicks_anywhere() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let nodes = start_nodes(dir.path(), &redis, 3);
+    let nodes = start_nodes(dir.path(), &node_config(&redis, ""), 3);
     let admins: Vec<Admin> = nodes.iter().map(|n| n.admin(ADMIN_TOKEN)).collect();
     let ids = wait_for_membership(&admins).await;
 
@@ -305,7 +284,7 @@ fn courier_admin(admin: &Admin, args: &[&str]) -> String {
 async fn a_killed_node_leaves_the_list_without_breaking_it() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = start_nodes(dir.path(), &redis, 3);
+    let mut nodes = start_nodes(dir.path(), &node_config(&redis, ""), 3);
     let admins: Vec<Admin> = nodes.iter().map(|n| n.admin(ADMIN_TOKEN)).collect();
     let ids = wait_for_membership(&admins).await;
     let (mut doomed, doomed_hello) =

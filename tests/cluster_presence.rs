@@ -10,6 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use common::cluster::{ADMIN_TOKEN, node_config, start_nodes};
 use common::{ChildBroker, Client, RedisServer, WAIT, sub};
 use courier::auth::{Auth, claims_for};
 use courier::broker::cluster::{NODE_BEAT, NODE_LEASE};
@@ -17,30 +18,18 @@ use courier::config::AuthConfig;
 use courier::protocol::{ChannelRequest, ClientFrame, Codec, Connect, ServerFrame};
 use tokio::time::Instant;
 
-const ADMIN_TOKEN: &str = "cluster-presence-admin-token";
 const SECRET: &str = "cluster-presence-secret-0123456789abcdef";
 
-/// A node's config: storage on `redis`, HS256 tokens, and the `room`
-/// namespace with presence and join/leave events.
-fn node_config(redis: &RedisServer) -> String {
-    format!(
-        "[storage]\nbackend = \"redis\"\nredis_url = \"{url}\"\nprefix = \"test\"\n\n\
-         [auth]\njwt_secret = \"{SECRET}\"\n\n\
-         [admin]\ntoken = \"{ADMIN_TOKEN}\"\n\n\
-         [namespaces.room]\npresence = true\njoin_leave = true\n",
-        url = redis.url()
+/// A node's config: HS256 tokens, and the `room` namespace with presence
+/// and join/leave events.
+fn config(redis: &RedisServer) -> String {
+    node_config(
+        redis,
+        &format!(
+            "[auth]\njwt_secret = \"{SECRET}\"\n\n\
+             [namespaces.room]\npresence = true\njoin_leave = true\n"
+        ),
     )
-}
-
-/// `count` nodes, each in its own directory under `dir`.
-fn start_nodes(dir: &std::path::Path, redis: &RedisServer, count: usize) -> Vec<ChildBroker> {
-    (0..count)
-        .map(|i| {
-            let node_dir = dir.join(format!("node{i}"));
-            std::fs::create_dir_all(&node_dir).unwrap();
-            ChildBroker::start(&node_dir, &node_config(redis))
-        })
-        .collect()
 }
 
 /// A connection of `user` to `node`, with a token minted from the secret.
@@ -184,7 +173,7 @@ async fn users_on_three_nodes_appear_in_presence_on_every_node_and_in_the_admin_
     const CHANNEL: &str = "room:lobby";
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let nodes = start_nodes(dir.path(), &redis, 3);
+    let nodes = start_nodes(dir.path(), &config(&redis), 3);
 
     let mut alice = connect_as(&nodes[0], "alice", Codec::Json).await;
     let mut bob = connect_as(&nodes[1], "bob", Codec::MsgPack).await;
@@ -236,7 +225,7 @@ async fn join_and_leave_cross_nodes_unless_the_user_is_present_there() {
     const CHANNEL: &str = "room:hall";
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let nodes = start_nodes(dir.path(), &redis, 2);
+    let nodes = start_nodes(dir.path(), &config(&redis), 2);
 
     let mut observer = connect_as(&nodes[1], "observer", Codec::MsgPack).await;
     observer.subscribe(sub(CHANNEL)).await;
@@ -305,7 +294,7 @@ async fn a_killed_node_takes_its_users_out_of_presence_and_they_leave() {
     const CHANNEL: &str = "room:crash";
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = start_nodes(dir.path(), &redis, 3);
+    let mut nodes = start_nodes(dir.path(), &config(&redis), 3);
 
     let mut watch_1 = connect_as(&nodes[0], "watch-1", Codec::Json).await;
     let mut watch_2 = connect_as(&nodes[1], "watch-2", Codec::MsgPack).await;
@@ -379,7 +368,7 @@ async fn a_node_stopped_gracefully_announces_its_leaves() {
     const CHANNEL: &str = "room:bye";
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let nodes = start_nodes(dir.path(), &redis, 2);
+    let nodes = start_nodes(dir.path(), &config(&redis), 2);
 
     let mut watcher = connect_as(&nodes[0], "watcher", Codec::Json).await;
     watcher.subscribe(sub(CHANNEL)).await;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::sdk::{consume, seen_all};
+use common::sdk::{consume, fast_reconnect, seen_all};
 use common::{CODECS, ChildBroker, TestBroker, WAIT};
 use courier::client::{
     Backoff, Client, Delivery, ErrorCode, Event, PublishErrorKind, PublishOptions,
@@ -30,15 +30,6 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-
-/// A quick reconnect schedule for tests.
-fn fast_reconnect() -> Backoff {
-    Backoff {
-        base: Duration::from_millis(50),
-        max: Duration::from_millis(500),
-        jitter: 0.2,
-    }
-}
 
 /// The next delivery, under the test timeout.
 async fn next(subscription: &mut Subscription) -> Delivery {

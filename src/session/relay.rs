@@ -206,7 +206,9 @@ impl Relays {
             .try_send((self.ephemeral_channel(), bytes))
             .is_err()
         {
-            tracing::warn!("relay queue full: an ephemeral message was not sent to the other nodes");
+            tracing::warn!(
+                "relay queue full: an ephemeral message was not sent to the other nodes"
+            );
         }
     }
 

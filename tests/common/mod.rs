@@ -4,6 +4,7 @@
 //! WebSocket client speaking either codec ([`Client`]).
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod http;
 pub mod sdk;
 

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use bytes::Bytes;
-use courier::client::Subscription;
+use courier::client::{Backoff, Subscription};
 use futures_util::StreamExt;
 
 /// Reads deliveries, acks each, and reports `(seq, payload)` until dropped.
@@ -57,4 +57,13 @@ pub async fn seen_all(
             .collect();
         panic!("{who}: not every pubacked message was delivered; missing {missing:?}…")
     });
+}
+
+/// A quick reconnect schedule for tests.
+pub fn fast_reconnect() -> Backoff {
+    Backoff {
+        base: Duration::from_millis(50),
+        max: Duration::from_millis(500),
+        jitter: 0.2,
+    }
 }

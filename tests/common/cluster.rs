@@ -1,0 +1,29 @@
+//! Nodes of a cluster: `courier serve` processes sharing one `RedisServer`.
+
+use std::path::Path;
+
+use super::{ChildBroker, RedisServer};
+
+/// The admin token every test node shares.
+pub const ADMIN_TOKEN: &str = "cluster-test-admin-token";
+
+/// A node's config: storage (and so the retry queue) on `redis`, the shared
+/// admin token, then `extra` (more TOML tables).
+pub fn node_config(redis: &RedisServer, extra: &str) -> String {
+    format!(
+        "[storage]\nbackend = \"redis\"\nredis_url = \"{url}\"\nprefix = \"test\"\n\n\
+         [admin]\ntoken = \"{ADMIN_TOKEN}\"\n\n{extra}",
+        url = redis.url()
+    )
+}
+
+/// `count` nodes with `config`, each in its own directory under `dir`.
+pub fn start_nodes(dir: &Path, config: &str, count: usize) -> Vec<ChildBroker> {
+    (0..count)
+        .map(|i| {
+            let node_dir = dir.join(format!("node{i}"));
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            ChildBroker::start(&node_dir, config)
+        })
+        .collect()
+}
