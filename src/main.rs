@@ -129,7 +129,22 @@ fn main() -> ExitCode {
         }
         Command::Bench(args) => {
             init_logging("text", "warn");
-            runtime.block_on(cli::bench::run(args))
+            match args.client_threads() {
+                None => runtime.block_on(cli::bench::run(args)),
+                Some(threads) => {
+                    let mut builder = if threads == 1 {
+                        tokio::runtime::Builder::new_current_thread()
+                    } else {
+                        let mut builder = tokio::runtime::Builder::new_multi_thread();
+                        builder.worker_threads(threads);
+                        builder
+                    };
+                    match builder.enable_all().build() {
+                        Ok(own) => own.block_on(cli::bench::run(args)),
+                        Err(e) => Err(anyhow::anyhow!("cannot start the bench runtime: {e}")),
+                    }
+                }
+            }
         }
         Command::Admin(args) => {
             init_logging("text", "warn");

@@ -94,6 +94,18 @@ pub struct BenchArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
+    /// Threads of the load generator (its Tokio runtime); default: one per
+    /// core. With `--url`, `1` keeps the client's own work off the cores
+    /// the broker needs (a quieter latency measurement on a small machine).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    client_threads: Option<u16>,
+}
+
+impl BenchArgs {
+    /// The `--client-threads` asked for.
+    pub fn client_threads(&self) -> Option<usize> {
+        self.client_threads.map(usize::from)
+    }
 }
 
 fn since(start: Instant) -> u64 {
