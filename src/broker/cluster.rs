@@ -255,6 +255,9 @@ pub async fn follow(broker: Arc<Broker>, cancel: CancellationToken) {
             tracing::info!("cluster notifications: subscribed again");
         }
         connected_before = true;
+        broker
+            .following
+            .store(true, std::sync::atomic::Ordering::Release);
         // Whatever was published while this node was not listening.
         poll_heads(&broker).await;
         let mut tick = tokio::time::interval(HEAD_POLL);
@@ -265,6 +268,7 @@ pub async fn follow(broker: Arc<Broker>, cancel: CancellationToken) {
                 message = messages.next() => {
                     let Some(message) = message else {
                         tracing::warn!("cluster notifications: connection lost; reconnecting");
+                        broker.following.store(false, std::sync::atomic::Ordering::Release);
                         break;
                     };
                     let from = message.get_channel_name();

@@ -184,6 +184,8 @@ pub struct Broker {
     relays: Arc<crate::session::relay::Relays>,
     /// This node's presence changes waiting to be written to the cluster.
     presence: presence::Changes,
+    /// Cluster mode: this node hears the others' notifications now.
+    following: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -243,6 +245,7 @@ impl Broker {
             )),
             node,
             presence: presence::Changes::default(),
+            following: std::sync::atomic::AtomicBool::new(false),
         };
         let lossy_crash = broker
             .store
@@ -504,10 +507,16 @@ impl Broker {
         self.store.shared().is_some()
     }
 
-    /// Whether the broker can serve: in a cluster, whether Redis answers.
+    /// Whether the broker can serve: in a cluster, whether Redis answers
+    /// and this node hears the other nodes' notifications.
     pub async fn ready(&self) -> Result<(), BrokerError> {
         if self.store.shared().is_none() {
             return Ok(());
+        }
+        if !self.following.load(Ordering::Acquire) {
+            return Err(BrokerError::Unavailable(
+                "not subscribed to the cluster's notifications (yet)".into(),
+            ));
         }
         let store = Arc::clone(&self.store);
         tokio::task::spawn_blocking(move || store.shared().map_or(Ok(()), |s| s.ping()))

@@ -17,13 +17,18 @@ pub fn node_config(redis: &RedisServer, extra: &str) -> String {
     )
 }
 
-/// `count` nodes with `config`, each in its own directory under `dir`.
+/// `count` nodes with `config`, each in its own directory under `dir`,
+/// ready (each hears the others' notifications).
 pub fn start_nodes(dir: &Path, config: &str, count: usize) -> Vec<ChildBroker> {
-    (0..count)
+    let nodes: Vec<ChildBroker> = (0..count)
         .map(|i| {
             let node_dir = dir.join(format!("node{i}"));
             std::fs::create_dir_all(&node_dir).expect("node dir");
             ChildBroker::start(&node_dir, config)
         })
-        .collect()
+        .collect();
+    for node in &nodes {
+        node.wait_ready();
+    }
+    nodes
 }
