@@ -212,12 +212,15 @@ impl ChildBroker {
         use std::io::{Read, Write};
         let deadline = std::time::Instant::now() + WAIT;
         loop {
-            let status = std::net::TcpStream::connect(self.addr).ok().and_then(|mut s| {
-                s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-                let mut reply = String::new();
-                s.read_to_string(&mut reply).ok()?;
-                reply.split_whitespace().nth(1).map(str::to_owned)
-            });
+            let status = std::net::TcpStream::connect(self.addr)
+                .ok()
+                .and_then(|mut s| {
+                    s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
+                        .ok()?;
+                    let mut reply = String::new();
+                    s.read_to_string(&mut reply).ok()?;
+                    reply.split_whitespace().nth(1).map(str::to_owned)
+                });
             if status.as_deref() == Some("200") {
                 return;
             }
