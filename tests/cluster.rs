@@ -404,15 +404,39 @@ async fn a_queue_group_spread_over_three_nodes_acks_each_message_once() {
 
 #[tokio::test]
 async fn when_the_node_serving_a_consumer_dies_its_remote_members_move_on() {
+    remote_members_move_on("feed:killed", |node| {
+        node.kill9();
+        None
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn when_the_node_serving_a_consumer_stops_its_remote_members_move_on() {
+    // SIGTERM: the node hands its consumers back before it goes (kept
+    // until the end of the test, so that dropping it does not kill it).
+    remote_members_move_on("feed:stopped", |node| {
+        node.sigterm();
+        Some(node)
+    })
+    .await;
+}
+
+/// An SDK client on node 2 reads a consumer served by node 1 while node 3
+/// publishes; `stop` ends node 1 a third of the way through (returning it
+/// when it must be kept until the end).
+async fn remote_members_move_on(
+    channel: &'static str,
+    stop: impl FnOnce(ChildBroker) -> Option<ChildBroker>,
+) {
     const COUNT: usize = 600;
-    const CHANNEL: &str = "feed:owner";
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = start_nodes(dir.path(), &node_config(&redis, ""), 3);
     let urls: Vec<String> = nodes.iter().map(ChildBroker::url).collect();
     // Node 1 serves consumer "shared" (its first subscriber is there)…
     let mut first = Client::connect(&urls[0], Codec::MsgPack).await;
-    first.subscribe(from_first(CHANNEL, "shared")).await;
+    first.subscribe(from_first(channel, "shared")).await;
     // …and an SDK client on node 2 reads it through node 1.
     let reader = courier::client::Client::builder(urls[1].clone())
         .fallback(urls[2].clone())
@@ -422,7 +446,7 @@ async fn when_the_node_serving_a_consumer_dies_its_remote_members_move_on() {
         .await
         .unwrap();
     let subscription = reader
-        .subscribe(CHANNEL)
+        .subscribe(channel)
         .consumer("shared")
         .from_first()
         .await
@@ -432,16 +456,20 @@ async fn when_the_node_serving_a_consumer_dies_its_remote_members_move_on() {
         .await
         .unwrap();
     let mut pubacked = BTreeMap::new();
+    let mut stop = Some(stop);
+    let mut stopped = None;
     for i in 0..COUNT {
-        if i == COUNT / 3 {
-            nodes.remove(0).kill9();
+        if i == COUNT / 3
+            && let Some(stop) = stop.take()
+        {
+            stopped = stop(nodes.remove(0));
         }
         let data = Bytes::from(format!("item {i:04}"));
-        let seq = publisher.publish(CHANNEL, data.clone()).await.unwrap();
+        let seq = publisher.publish(channel, data.clone()).await.unwrap();
         pubacked.insert(seq, data);
     }
     seen_all(&mut seen, &pubacked, "remote member").await;
-    drop(first);
+    drop((first, stopped));
     for client in [reader, publisher] {
         client.close().await;
     }

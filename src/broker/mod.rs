@@ -1240,27 +1240,34 @@ impl Broker {
     /// Saves consumers, stops the writer and flushes. Call once, after every
     /// session has ended.
     pub async fn shutdown(&self) -> Result<(), BrokerError> {
-        self.relays.shutdown(self).await;
+        let served = self.relays.stop_serving(self).await;
         let consumers: Vec<Arc<Consumer>> = lock(&self.consumers).values().cloned().collect();
-        for consumer in consumers.iter().filter(|c| c.is_persistent()) {
-            let record = consumer.lock().record();
-            let (store, channel, name) = (
-                Arc::clone(&self.store),
-                consumer.channel().id(),
-                consumer.key().to_owned(),
-            );
-            tokio::task::spawn_blocking(move || store.save_consumer(channel, &name, &record))
-                .await
-                .map_err(|e| BrokerError::Internal(e.to_string()))??;
+        let saved = async {
+            for consumer in consumers.iter().filter(|c| c.is_persistent()) {
+                let record = consumer.lock().record();
+                let (store, channel, name) = (
+                    Arc::clone(&self.store),
+                    consumer.channel().id(),
+                    consumer.key().to_owned(),
+                );
+                tokio::task::spawn_blocking(move || store.save_consumer(channel, &name, &record))
+                    .await
+                    .map_err(|e| BrokerError::Internal(e.to_string()))??;
+            }
+            self.store.mark_clean()?;
+            self.flush().await
         }
-        self.store.mark_clean()?;
-        self.flush().await?;
+        .await;
+        // In a cluster: give the consumers back, then tell the nodes whose
+        // sessions read them here, which subscribe again and find them free.
         let held = consumers
             .iter()
             .filter(|c| c.is_persistent())
             .map(|c| (c.channel().id(), c.key().to_owned()))
             .collect();
         self.release_leases(held).await;
+        self.relays.announce_gone(served);
+        saved?;
         let _ = self.writer.send(WriterRequest::Stop).await;
         let threads = std::mem::take(&mut *lock(&self.threads));
         tokio::task::spawn_blocking(move || {

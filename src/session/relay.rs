@@ -342,13 +342,26 @@ impl Relays {
         }
     }
 
-    /// This node stops: tell every member that its links are gone (the
-    /// sender delivers that, then stops).
-    pub(crate) async fn shutdown(&self, broker: &Broker) {
+    /// This node stops: the links it serves stop (their deliveries go back
+    /// to their consumers). Returns them for [`Relays::announce_gone`],
+    /// which the broker calls once it has saved the consumers and given
+    /// their leases back, so that the members' next subscribe finds them
+    /// free.
+    pub(crate) async fn stop_serving(&self, broker: &Broker) -> Vec<(String, u64)> {
         let served: Vec<((String, u64), Served)> = lock(&self.served).drain().collect();
-        for ((node, link), s) in served {
-            self.send(&node, &Relay::Gone { link });
+        let mut gone = Vec::with_capacity(served.len());
+        for (key, s) in served {
             stop(broker, s).await;
+            gone.push(key);
+        }
+        gone
+    }
+
+    /// Tells the members of `links` that they are gone; then the sender
+    /// delivers what is queued and stops.
+    pub(crate) fn announce_gone(&self, links: Vec<(String, u64)>) {
+        for (node, link) in links {
+            self.send(&node, &Relay::Gone { link });
         }
         self.stopped.cancel();
     }
