@@ -22,18 +22,20 @@ use crate::protocol::ErrorCode;
 use crate::session::registry::{ConnectionHandle, Control};
 
 /// A connection as the API lists it (also read back from other nodes).
-#[derive(Serialize, Deserialize)]
-struct ConnectionView {
-    id: String,
+/// One open connection as the admin API lists it (also what
+/// `courier admin connections` reads).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ConnectionView {
+    pub id: String,
     /// The node that holds it.
-    node: String,
-    user: Option<String>,
-    remote: Option<String>,
-    transport: String,
-    subscriptions: Vec<String>,
-    connected_ms: u64,
-    msgs_in: u64,
-    msgs_out: u64,
+    pub node: String,
+    pub user: Option<String>,
+    pub remote: Option<String>,
+    pub transport: String,
+    pub subscriptions: Vec<String>,
+    pub connected_ms: u64,
+    pub msgs_in: u64,
+    pub msgs_out: u64,
 }
 
 impl ConnectionView {
@@ -185,12 +187,12 @@ pub(super) async fn kick(
 }
 
 /// A page of connections over every live node.
-#[derive(serde::Serialize, Deserialize)]
-pub(super) struct ConnectionPage {
-    connections: Vec<ConnectionView>,
-    next: Option<String>,
+#[derive(Debug, serde::Serialize, Deserialize)]
+pub struct ConnectionPage {
+    pub connections: Vec<ConnectionView>,
+    pub next: Option<String>,
     /// Live nodes that did not answer: their connections are missing.
-    unreachable: Vec<String>,
+    pub unreachable: Vec<String>,
 }
 
 /// Where a connection list continues: after connection `number` of `node`.

@@ -36,6 +36,7 @@ use crate::metrics;
 use crate::protocol::{ChannelName, ErrorCode};
 use crate::transport::{ApiError, json_error};
 
+pub use connections::{ConnectionPage, ConnectionView};
 pub use token::{TOKEN_FILE, TokenSource, resolve_token};
 
 /// Largest page of any list.

@@ -3,8 +3,6 @@
 use std::io::Write;
 use std::path::Path;
 
-use rand::Rng;
-
 /// Where the admin token came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenSource {
@@ -39,8 +37,7 @@ pub fn resolve_token(
     }
     // A cluster node on Redis has not made its data dir (sled does that).
     std::fs::create_dir_all(data_dir)?;
-    let bytes: [u8; 24] = rand::rng().random();
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let token = crate::broker::random_hex::<24>();
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]

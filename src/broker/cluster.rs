@@ -53,9 +53,8 @@ pub struct NodeInfo {
 
 impl Node {
     pub(crate) fn new() -> Self {
-        let bytes: [u8; 6] = rand::random();
         Self {
-            id: bytes.iter().map(|b| format!("{b:02x}")).collect(),
+            id: super::random_hex::<6>(),
             addresses: std::sync::OnceLock::new(),
         }
     }

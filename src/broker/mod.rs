@@ -113,7 +113,12 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 fn new_epoch() -> String {
-    let bytes: [u8; 8] = rand::rng().random();
+    random_hex::<8>()
+}
+
+/// `N` random bytes as lowercase hex: epochs, node ids, session ids, tokens.
+pub fn random_hex<const N: usize>() -> String {
+    let bytes: [u8; N] = rand::rng().random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -19,6 +19,9 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use url::Url;
 
+use courier::admin::ConnectionPage;
+use courier::broker::cluster::NodeInfo;
+
 /// How long connecting and each whole request may take.
 const TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -737,38 +740,6 @@ struct DeadLetter {
 struct DeadLetterPage {
     entries: Vec<DeadLetter>,
     next: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ConnectionInfo {
-    id: String,
-    /// The node that holds it.
-    #[serde(default)]
-    node: String,
-    user: Option<String>,
-    remote: Option<String>,
-    transport: String,
-    subscriptions: Vec<String>,
-    connected_ms: u64,
-    msgs_in: u64,
-    msgs_out: u64,
-}
-
-#[derive(Debug, Deserialize)]
-struct ConnectionPage {
-    connections: Vec<ConnectionInfo>,
-    next: Option<String>,
-    /// Cluster nodes that did not answer.
-    #[serde(default)]
-    unreachable: Vec<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct NodeInfo {
-    id: String,
-    listen: String,
-    admin: String,
-    started_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]

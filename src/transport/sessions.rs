@@ -395,10 +395,7 @@ pub async fn open(
     let server = &app.broker.config().server;
     let (in_tx, in_rx) = mpsc::channel(INBOUND_BUFFER);
     let (out_tx, mut out_rx) = mpsc::channel(server.outbound_buffer);
-    let id: String = rand::random::<[u8; 16]>()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let id = crate::broker::random_hex::<16>();
     let session = Arc::new(HttpSession {
         id: id.clone(),
         kind,
