@@ -12,10 +12,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::cluster::{ADMIN_TOKEN, node_config, start_nodes};
-use common::sdk::{consume, fast_reconnect, seen_all};
+use common::sdk::{consume, fast_reconnect, pubacked, publish_concurrently, read_stored, seen_all};
 use common::{ChildBroker, Client, RedisServer, WAIT, http, sub};
 use courier::protocol::{Codec, ErrorCode, StartFrom, Subscribe};
-use futures_util::StreamExt;
 
 fn from_first(channel: &str, consumer: &str) -> Subscribe {
     Subscribe {
@@ -31,7 +30,7 @@ async fn a_publish_on_one_node_reaches_subscribers_on_the_others_in_order() {
     const CHANNEL: &str = "room:cluster";
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let nodes = start_nodes(dir.path(), &node_config(&redis, ""), 3);
+    let nodes = start_nodes(dir.path(), &node_config(&redis, ""), 3).await;
 
     let mut on_2 = Client::connect(&nodes[1].url(), Codec::MsgPack).await;
     let mut on_3 = Client::connect(&nodes[2].url(), Codec::Json).await;
@@ -92,7 +91,7 @@ async fn sdk_clients_of_a_killed_node_resume_on_another_and_lose_nothing() {
     const CHANNEL: &str = "orders:cluster";
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = start_nodes(dir.path(), &node_config(&redis, ""), 3);
+    let mut nodes = start_nodes(dir.path(), &node_config(&redis, ""), 3).await;
     let urls: Vec<String> = nodes.iter().map(ChildBroker::url).collect();
     let connect = |name: &str| {
         courier::client::Client::builder(urls[0].clone())
@@ -125,43 +124,14 @@ async fn sdk_clients_of_a_killed_node_resume_on_another_and_lose_nothing() {
         .unwrap();
     let mut remote_seen = consume(subscription);
 
-    let (progress, mut acked_so_far) = tokio::sync::watch::channel(0usize);
-    let publishing = tokio::spawn({
-        let publisher = publisher.clone();
-        async move {
-            futures_util::stream::iter(0..COUNT)
-                .map(|i| {
-                    let (publisher, progress) = (publisher.clone(), progress.clone());
-                    async move {
-                        let data = Bytes::from(format!("order {i:05}"));
-                        let seq = publisher.publish(CHANNEL, data.clone()).await;
-                        let seq = seq.unwrap_or_else(|e| panic!("publish {i}: {e}"));
-                        progress.send_modify(|n| *n += 1);
-                        (data, seq)
-                    }
-                })
-                .buffer_unordered(64)
-                .collect::<Vec<(Bytes, u64)>>()
-                .await
-        }
-    });
+    let (publishing, mut acked_so_far) = publish_concurrently(&publisher, CHANNEL, "order", COUNT);
     tokio::time::timeout(WAIT, acked_so_far.wait_for(|n| *n >= COUNT / 3))
         .await
         .expect("a third pubacked in time")
         .unwrap();
     nodes.remove(0).kill9();
 
-    let results = tokio::time::timeout(Duration::from_secs(90), publishing)
-        .await
-        .expect("publishing finishes in time")
-        .expect("every publish gets its puback");
-    let mut pubacked = BTreeMap::new();
-    for (data, seq) in results {
-        assert!(
-            pubacked.insert(seq, data).is_none(),
-            "seq {seq} pubacked twice"
-        );
-    }
+    let pubacked = pubacked(publishing).await;
     assert_eq!(pubacked.len(), COUNT);
     seen_all(&mut seen, &pubacked, "reader").await;
     seen_all(&mut remote_seen, &pubacked, "reader on node 3").await;
@@ -170,22 +140,8 @@ async fn sdk_clients_of_a_killed_node_resume_on_another_and_lose_nothing() {
     let auditor = courier::client::Client::connect(urls[2].clone())
         .await
         .unwrap();
-    let mut audit = auditor
-        .subscribe(CHANNEL)
-        .consumer("audit")
-        .from_first()
-        .await
-        .unwrap();
-    assert_eq!(audit.last_seq(), u64::try_from(COUNT).unwrap());
-    let mut stored = BTreeMap::new();
-    while stored.len() < COUNT {
-        let delivery = tokio::time::timeout(WAIT, audit.next())
-            .await
-            .expect("a delivery in time")
-            .expect("open");
-        delivery.ack().await.unwrap();
-        stored.insert(delivery.seq, delivery.data);
-    }
+    let (last, stored) = read_stored(&auditor, CHANNEL).await;
+    assert_eq!(last, u64::try_from(COUNT).unwrap());
     let unique: BTreeSet<&Bytes> = stored.values().collect();
     assert_eq!(unique.len(), COUNT, "a payload was stored twice");
     assert_eq!(stored, pubacked, "every puback names the stored message");
@@ -199,7 +155,7 @@ async fn a_redis_restart_makes_nodes_unavailable_then_they_recover_with_nothing_
     const CHANNEL: &str = "jobs:restart";
     let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
     let dir = tempfile::tempdir().unwrap();
-    let nodes = start_nodes(dir.path(), &node_config(&redis, ""), 2);
+    let nodes = start_nodes(dir.path(), &node_config(&redis, ""), 2).await;
     let mut publisher = Client::connect(&nodes[0].url(), Codec::Json).await;
     let mut reader = Client::connect(&nodes[1].url(), Codec::MsgPack).await;
     reader.subscribe(from_first(CHANNEL, "reader")).await;
@@ -234,11 +190,7 @@ async fn a_redis_restart_makes_nodes_unavailable_then_they_recover_with_nothing_
 
     redis.start_again();
     for node in &nodes {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while http::get(node.addr, "/readyz").await.status != 200 {
-            assert!(tokio::time::Instant::now() < deadline, "no recovery");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        node.wait_ready().await;
     }
     // The same connections work again; the AOF kept every pubacked message.
     for i in 51..=80u64 {
@@ -345,7 +297,7 @@ async fn a_queue_group_spread_over_three_nodes_acks_each_message_once() {
     const CHANNEL: &str = "work:cluster";
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let nodes = start_nodes(dir.path(), &node_config(&redis, ""), 3);
+    let nodes = start_nodes(dir.path(), &node_config(&redis, ""), 3).await;
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut members = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
@@ -432,7 +384,7 @@ async fn remote_members_move_on(
     const COUNT: usize = 600;
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = start_nodes(dir.path(), &node_config(&redis, ""), 3);
+    let mut nodes = start_nodes(dir.path(), &node_config(&redis, ""), 3).await;
     let urls: Vec<String> = nodes.iter().map(ChildBroker::url).collect();
     // Node 1 serves consumer "shared" (its first subscriber is there)…
     let mut first = Client::connect(&urls[0], Codec::MsgPack).await;
@@ -480,7 +432,7 @@ async fn an_operator_changes_a_consumer_through_the_node_that_serves_it() {
     const CHANNEL: &str = "ops:reset";
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let nodes = start_nodes(dir.path(), &node_config(&redis, ""), 2);
+    let nodes = start_nodes(dir.path(), &node_config(&redis, ""), 2).await;
     let mut reader = Client::connect(&nodes[0].url(), Codec::MsgPack).await;
     reader.subscribe(from_first(CHANNEL, "r")).await;
     let mut publisher = Client::connect(&nodes[1].url(), Codec::MsgPack).await;
@@ -540,7 +492,7 @@ async fn ephemeral_messages_reach_subscribers_on_every_node_once() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let config = node_config(&redis, "[namespaces.live]\ndurable = false\n");
-    let nodes = start_nodes(dir.path(), &config, 2);
+    let nodes = start_nodes(dir.path(), &config, 2).await;
     let mut here = Client::connect(&nodes[0].url(), Codec::Json).await;
     let mut there = Client::connect(&nodes[1].url(), Codec::MsgPack).await;
     here.subscribe(sub(CHANNEL)).await;

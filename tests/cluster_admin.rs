@@ -88,7 +88,7 @@ fn from_first(channel: &str, consumer: &str) -> Subscribe {
 async fn any_node_shows_the_whole_cluster_and_kicks_anywhere() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let nodes = start_nodes(dir.path(), &node_config(&redis, ""), 3);
+    let nodes = start_nodes(dir.path(), &node_config(&redis, ""), 3).await;
     let admins: Vec<Admin> = nodes.iter().map(|n| n.admin(ADMIN_TOKEN)).collect();
     let ids = wait_for_membership(&admins).await;
 
@@ -284,7 +284,7 @@ fn courier_admin(admin: &Admin, args: &[&str]) -> String {
 async fn a_killed_node_leaves_the_list_without_breaking_it() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = start_nodes(dir.path(), &node_config(&redis, ""), 3);
+    let mut nodes = start_nodes(dir.path(), &node_config(&redis, ""), 3).await;
     let admins: Vec<Admin> = nodes.iter().map(|n| n.admin(ADMIN_TOKEN)).collect();
     let ids = wait_for_membership(&admins).await;
     let (mut doomed, doomed_hello) =

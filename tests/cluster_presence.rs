@@ -173,7 +173,7 @@ async fn users_on_three_nodes_appear_in_presence_on_every_node_and_in_the_admin_
     const CHANNEL: &str = "room:lobby";
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let nodes = start_nodes(dir.path(), &config(&redis), 3);
+    let nodes = start_nodes(dir.path(), &config(&redis), 3).await;
 
     let mut alice = connect_as(&nodes[0], "alice", Codec::Json).await;
     let mut bob = connect_as(&nodes[1], "bob", Codec::MsgPack).await;
@@ -225,7 +225,7 @@ async fn join_and_leave_cross_nodes_unless_the_user_is_present_there() {
     const CHANNEL: &str = "room:hall";
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let nodes = start_nodes(dir.path(), &config(&redis), 2);
+    let nodes = start_nodes(dir.path(), &config(&redis), 2).await;
 
     let mut observer = connect_as(&nodes[1], "observer", Codec::MsgPack).await;
     observer.subscribe(sub(CHANNEL)).await;
@@ -294,7 +294,7 @@ async fn a_killed_node_takes_its_users_out_of_presence_and_they_leave() {
     const CHANNEL: &str = "room:crash";
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = start_nodes(dir.path(), &config(&redis), 3);
+    let mut nodes = start_nodes(dir.path(), &config(&redis), 3).await;
 
     let mut watch_1 = connect_as(&nodes[0], "watch-1", Codec::Json).await;
     let mut watch_2 = connect_as(&nodes[1], "watch-2", Codec::MsgPack).await;
@@ -368,7 +368,7 @@ async fn a_node_stopped_gracefully_announces_its_leaves() {
     const CHANNEL: &str = "room:bye";
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let nodes = start_nodes(dir.path(), &config(&redis), 2);
+    let nodes = start_nodes(dir.path(), &config(&redis), 2).await;
 
     let mut watcher = connect_as(&nodes[0], "watcher", Codec::Json).await;
     watcher.subscribe(sub(CHANNEL)).await;

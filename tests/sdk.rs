@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::sdk::{consume, fast_reconnect, seen_all};
+use common::sdk::{consume, fast_reconnect, pubacked, publish_concurrently, read_stored, seen_all};
 use common::{CODECS, ChildBroker, TestBroker, WAIT};
 use courier::client::{
     Backoff, Client, Delivery, ErrorCode, Event, PublishErrorKind, PublishOptions,
@@ -188,28 +188,8 @@ async fn kill_9_and_restart_on_the_same_port_loses_and_duplicates_nothing() {
     let subscription = anonymous.subscribe(CHANNEL).await.unwrap();
     let mut anonymous_seen = consume(subscription);
 
-    let (progress, mut acked_so_far) = tokio::sync::watch::channel(0usize);
-    let publishing = tokio::spawn({
-        let publisher = publisher.clone();
-        async move {
-            let results: Vec<(Bytes, u64)> = futures_util::stream::iter(0..COUNT)
-                .map(|i| {
-                    let publisher = publisher.clone();
-                    let progress = progress.clone();
-                    async move {
-                        let data = Bytes::from(format!("message {i:05}"));
-                        let seq = publisher.publish(CHANNEL, data.clone()).await;
-                        let seq = seq.unwrap_or_else(|e| panic!("publish {i}: {e}"));
-                        progress.send_modify(|n| *n += 1);
-                        (data, seq)
-                    }
-                })
-                .buffer_unordered(64)
-                .collect()
-                .await;
-            results
-        }
-    });
+    let (publishing, mut acked_so_far) =
+        publish_concurrently(&publisher, CHANNEL, "message", COUNT);
 
     tokio::time::timeout(WAIT, acked_so_far.wait_for(|n| *n >= COUNT / 3))
         .await
@@ -218,17 +198,7 @@ async fn kill_9_and_restart_on_the_same_port_loses_and_duplicates_nothing() {
     broker.kill9();
     let _broker = ChildBroker::start_on(dir.path(), BATCH, &addr.to_string());
 
-    let results = tokio::time::timeout(Duration::from_secs(90), publishing)
-        .await
-        .expect("publishing finishes in time")
-        .expect("every publish gets its puback");
-    let mut pubacked = BTreeMap::new();
-    for (data, seq) in results {
-        assert!(
-            pubacked.insert(seq, data).is_none(),
-            "seq {seq} pubacked twice"
-        );
-    }
+    let pubacked = pubacked(publishing).await;
     assert_eq!(pubacked.len(), COUNT);
 
     seen_all(&mut durable_seen, &pubacked, "durable consumer").await;
@@ -236,19 +206,7 @@ async fn kill_9_and_restart_on_the_same_port_loses_and_duplicates_nothing() {
 
     // Every payload is stored exactly once: read it all with a fresh consumer.
     let auditor = connect("auditor").await.unwrap();
-    let mut audit = auditor
-        .subscribe(CHANNEL)
-        .consumer("audit")
-        .from_first()
-        .await
-        .unwrap();
-    let stored = audit.last_seq();
-    let mut payloads = BTreeMap::new();
-    while payloads.len() < usize::try_from(stored).unwrap() {
-        let delivery = next(&mut audit).await;
-        delivery.ack().await.unwrap();
-        payloads.insert(delivery.seq, delivery.data);
-    }
+    let (_, payloads) = read_stored(&auditor, CHANNEL).await;
     let unique: BTreeSet<&Bytes> = payloads.values().collect();
     assert_eq!(unique.len(), payloads.len(), "a payload was stored twice");
     assert_eq!(payloads.len(), COUNT, "stored exactly what was published");

@@ -19,7 +19,7 @@ pub fn node_config(redis: &RedisServer, extra: &str) -> String {
 
 /// `count` nodes with `config`, each in its own directory under `dir`,
 /// ready (each hears the others' notifications).
-pub fn start_nodes(dir: &Path, config: &str, count: usize) -> Vec<ChildBroker> {
+pub async fn start_nodes(dir: &Path, config: &str, count: usize) -> Vec<ChildBroker> {
     let nodes: Vec<ChildBroker> = (0..count)
         .map(|i| {
             let node_dir = dir.join(format!("node{i}"));
@@ -28,7 +28,7 @@ pub fn start_nodes(dir: &Path, config: &str, count: usize) -> Vec<ChildBroker> {
         })
         .collect();
     for node in &nodes {
-        node.wait_ready();
+        node.wait_ready().await;
     }
     nodes
 }

@@ -208,28 +208,19 @@ impl ChildBroker {
 
     /// Waits until `GET /readyz` answers 200 (a cluster node: Redis
     /// answers and the node hears the others' notifications).
-    pub fn wait_ready(&self) {
-        use std::io::{Read, Write};
-        let deadline = std::time::Instant::now() + WAIT;
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let status = std::net::TcpStream::connect(self.addr)
-                .ok()
-                .and_then(|mut s| {
-                    s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
-                        .ok()?;
-                    let mut reply = String::new();
-                    s.read_to_string(&mut reply).ok()?;
-                    reply.split_whitespace().nth(1).map(str::to_owned)
-                });
-            if status.as_deref() == Some("200") {
+            let status = http::get(self.addr, "/readyz").await.status;
+            if status == 200 {
                 return;
             }
             assert!(
-                std::time::Instant::now() < deadline,
-                "courier never became ready ({status:?}):\n{}",
+                tokio::time::Instant::now() < deadline,
+                "courier never became ready ({status}):\n{}",
                 self.log_text()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

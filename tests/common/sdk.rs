@@ -67,3 +67,82 @@ pub fn fast_reconnect() -> Backoff {
         jitter: 0.2,
     }
 }
+
+/// Publishes `count` messages `"<prefix> <i:05>"` through `publisher`, 64
+/// at a time, on a task of its own. Returns the task (each payload with the
+/// seq of its puback; a publish that fails panics) and the number of
+/// pubacks so far.
+pub fn publish_concurrently(
+    publisher: &courier::client::Client,
+    channel: &'static str,
+    prefix: &'static str,
+    count: usize,
+) -> (
+    tokio::task::JoinHandle<Vec<(Bytes, u64)>>,
+    tokio::sync::watch::Receiver<usize>,
+) {
+    let (progress, pubacks) = tokio::sync::watch::channel(0usize);
+    let publisher = publisher.clone();
+    let task = tokio::spawn(async move {
+        futures_util::stream::iter(0..count)
+            .map(|i| {
+                let (publisher, progress) = (publisher.clone(), progress.clone());
+                async move {
+                    let data = Bytes::from(format!("{prefix} {i:05}"));
+                    let seq = publisher.publish(channel, data.clone()).await;
+                    let seq = seq.unwrap_or_else(|e| panic!("publish {i}: {e}"));
+                    progress.send_modify(|n| *n += 1);
+                    (data, seq)
+                }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await
+    });
+    (task, pubacks)
+}
+
+/// Waits (90 s at most) for [`publish_concurrently`]'s task: every payload
+/// by its seq, no seq pubacked twice.
+pub async fn pubacked(
+    publishing: tokio::task::JoinHandle<Vec<(Bytes, u64)>>,
+) -> BTreeMap<u64, Bytes> {
+    let results = tokio::time::timeout(Duration::from_secs(90), publishing)
+        .await
+        .expect("publishing finishes in time")
+        .expect("every publish gets its puback");
+    let mut pubacked = BTreeMap::new();
+    for (data, seq) in results {
+        assert!(
+            pubacked.insert(seq, data).is_none(),
+            "seq {seq} pubacked twice"
+        );
+    }
+    pubacked
+}
+
+/// What `channel` stores, read from the first message by a fresh consumer
+/// `audit` of `client` (acking each): the channel's last seq when the
+/// subscription started, and every payload by seq up to it.
+pub async fn read_stored(
+    client: &courier::client::Client,
+    channel: &str,
+) -> (u64, BTreeMap<u64, Bytes>) {
+    let mut audit = client
+        .subscribe(channel)
+        .consumer("audit")
+        .from_first()
+        .await
+        .unwrap();
+    let last = audit.last_seq();
+    let mut stored = BTreeMap::new();
+    while stored.len() < usize::try_from(last).unwrap() {
+        let delivery = tokio::time::timeout(super::WAIT, audit.next())
+            .await
+            .expect("a delivery in time")
+            .expect("the subscription is open");
+        delivery.ack().await.unwrap();
+        stored.insert(delivery.seq, delivery.data);
+    }
+    (last, stored)
+}
