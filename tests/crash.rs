@@ -172,6 +172,24 @@ async fn interval_fsync_resets_the_epoch_after_a_crash_but_not_after_a_clean_sto
     );
 }
 
+/// A huge-page fault stalls the thread that touches new heap for
+/// milliseconds (see `disable_transparent_huge_pages` in `main.rs`), so the
+/// broker runs without them whatever the machine's setting.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn serve_runs_without_transparent_huge_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = ChildBroker::start(dir.path(), CONFIG);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", broker.child.id())).unwrap();
+    let _ = broker.child.kill();
+    let _ = broker.child.wait();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("THP_enabled:"))
+        .expect("the kernel reports THP_enabled (Linux 5.0 and later)");
+    assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+}
+
 #[tokio::test]
 async fn sigterm_closes_clients_with_4010_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
