@@ -111,9 +111,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// Turns transparent huge pages off for this process, before the runtime
 /// allocates. mimalloc asks for them on its arenas (`MADV_HUGEPAGE`), so
 /// the first touch of each new 2 MiB region faults in and zeroes a whole
-/// huge page at once: 5 ms on the writer thread here, during which no
-/// publish is confirmed (with 4 KiB pages the same growth costs ~10 µs a
-/// fault, spread out). Redis disables them for the same reason.
+/// huge page at once: 5 ms on the channel writer thread on our 2-vCPU
+/// benchmark VM, during which no publish is confirmed (docs/benchmarks.md).
+/// With 4 KiB pages the same growth costs a few microseconds a fault,
+/// spread out. Redis turns them off for the same reason.
 fn disable_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {

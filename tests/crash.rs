@@ -1,6 +1,7 @@
 //! The real binary: kill -9 in the middle of a pipelined publish stream,
 //! restart on the same data dir, and check that every pubacked message is
-//! there, unchanged, with no seq reused. Also SIGTERM and config errors.
+//! there, unchanged, with no seq reused. Also SIGTERM, config errors and
+//! the process' own settings.
 
 mod common;
 
