@@ -211,17 +211,23 @@ async fn a_redis_restart_makes_nodes_unavailable_then_they_recover_with_nothing_
 #[test]
 fn a_node_that_cannot_reach_redis_at_start_says_so_and_exits() {
     let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
+    // A port that stays ours and is no Redis: it hangs up on every
+    // connection. (A port freed again could be taken by another test's
+    // Redis, and the node would start and never exit.)
+    let not_redis = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = not_redis.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in not_redis.incoming() {
+            drop(stream);
+        }
+    });
     let config = dir.path().join("courier.toml");
     std::fs::write(
         &config,
         format!("[storage]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:{port}/\"\n"),
     )
     .unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+    let mut output = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
         .args([
             "serve",
             "--listen",
@@ -233,8 +239,19 @@ fn a_node_that_cannot_reach_redis_at_start_says_so_and_exits() {
         .arg(&config)
         .arg("--data-dir")
         .arg(dir.path().join("data"))
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while output.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = output.kill();
+            panic!("the node did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = output.wait_with_output().unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
