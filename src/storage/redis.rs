@@ -70,18 +70,42 @@ const NO_RETRY_JOBS: &str = "the redis store keeps no retry jobs; use [retry] ba
 /// Appends one message unless its `msg_id` was seen within the dedup window.
 /// XADD goes first so that a failing XADD leaves the head untouched.
 const APPEND_LUA: &str = r"
--- KEYS: head, log[, dedup key]; ARGV: record, size[, dedup window ms]
-local dedup = #KEYS == 3
-if dedup then
-  local seen = redis.call('GET', KEYS[3])
-  if seen then return {0, seen} end
+-- One channel's messages, in order. KEYS: head, log, then the dedup key of
+-- each message that has one. ARGV: four per message: record, size,
+-- 1 when the next dedup key is its own (else 0), dedup window ms.
+-- Returns two per message: 1 and its new seq, or 0 and the seq its msg_id
+-- was first stored under.
+local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
+local bytes = 0
+local stored = false
+local replies = {}
+local next_key = 3
+for i = 1, #ARGV, 4 do
+  local key = nil
+  if ARGV[i + 2] == '1' then
+    key = KEYS[next_key]
+    next_key = next_key + 1
+  end
+  local seen = key and redis.call('GET', key)
+  if seen then
+    replies[#replies + 1] = 0
+    replies[#replies + 1] = seen
+  else
+    last = last + 1
+    local seq = string.format('%d', last)
+    redis.call('XADD', KEYS[2], seq .. '-0', 'm', ARGV[i])
+    bytes = bytes + tonumber(ARGV[i + 1])
+    stored = true
+    if key then redis.call('SET', key, seq, 'PX', ARGV[i + 3]) end
+    replies[#replies + 1] = 1
+    replies[#replies + 1] = seq
+  end
 end
-local seq = string.format('%d', tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0') + 1)
-redis.call('XADD', KEYS[2], seq .. '-0', 'm', ARGV[1])
-redis.call('HSET', KEYS[1], 'last_seq', seq)
-redis.call('HINCRBY', KEYS[1], 'appended_bytes', ARGV[2])
-if dedup then redis.call('SET', KEYS[3], seq, 'PX', ARGV[3]) end
-return {1, seq}
+if stored then
+  redis.call('HSET', KEYS[1], 'last_seq', string.format('%d', last))
+  redis.call('HINCRBY', KEYS[1], 'appended_bytes', bytes)
+end
+return replies
 ";
 
 /// Announces a channel's head unless that seq (or a later one) was announced.
@@ -753,7 +777,9 @@ impl RedisStore {
     }
 
     /// Appends messages, each under the next seq of its channel (gapless
-    /// even with several nodes appending), in one round trip. A message
+    /// even with several nodes appending), in one round trip: one script
+    /// call per channel, which stores that channel's messages in the order
+    /// given and writes its head once. A message
     /// whose `msg_id` is still within its dedup window is not stored and
     /// reports the first seq. Then announces, once per channel, the
     /// channel's head on [`RedisStore::notify_channel`] (skipped when an
@@ -768,28 +794,41 @@ impl RedisStore {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let mut channels: Vec<u64> = items.iter().map(|item| item.channel).collect();
-        channels.sort_unstable();
-        channels.dedup();
+        // One script call per channel, its messages in the order given.
+        let mut channels: Vec<(u64, Vec<usize>)> = Vec::new();
+        for (index, item) in items.iter().enumerate() {
+            match channels.iter_mut().find(|(id, _)| *id == item.channel) {
+                Some((_, indexes)) => indexes.push(index),
+                None => channels.push((item.channel, vec![index])),
+            }
+        }
+        channels.sort_unstable_by_key(|(id, _)| *id);
         let notify = self.notify_channel();
-        let mut invocations = Vec::with_capacity(items.len() + channels.len());
-        for item in items {
+        let mut invocations = Vec::with_capacity(2 * channels.len());
+        for (channel, indexes) in &channels {
             let mut invocation = self.scripts.append.prepare_invoke();
             invocation
-                .key(self.key("head", item.channel))
-                .key(self.key("log", item.channel))
-                .arg(encode(item.record))
-                .arg(item.record.size());
-            if let Some(msg_id) = &item.record.msg_id
-                && item.dedup_window_ms > 0
-            {
+                .key(self.key("head", *channel))
+                .key(self.key("log", *channel));
+            for &index in indexes {
+                let item = &items[index];
+                let dedup = item
+                    .record
+                    .msg_id
+                    .as_ref()
+                    .filter(|_| item.dedup_window_ms > 0);
+                if let Some(msg_id) = dedup {
+                    invocation.key(self.dedup_key(*channel, msg_id));
+                }
                 invocation
-                    .key(self.dedup_key(item.channel, msg_id))
+                    .arg(encode(item.record))
+                    .arg(item.record.size())
+                    .arg(u8::from(dedup.is_some()))
                     .arg(item.dedup_window_ms);
             }
             invocations.push(invocation);
         }
-        for &channel in &channels {
+        for &(channel, _) in &channels {
             let mut invocation = self.scripts.notify.prepare_invoke();
             invocation
                 .key(self.key("head", channel))
@@ -798,18 +837,25 @@ impl RedisStore {
             invocations.push(invocation);
         }
         self.run(|con| {
-            self.run_scripts(con, &invocations, items.len())?
-                .into_iter()
-                .take(items.len())
-                .map(|reply| {
-                    let (new, seq): (u8, u64) = redis::from_redis_value(reply)?;
-                    Ok(if new == 1 {
+            let replies = self.run_scripts(con, &invocations, channels.len())?;
+            let mut appended = vec![Appended::Duplicate { seq: 0 }; items.len()];
+            for ((_, indexes), reply) in channels.iter().zip(replies) {
+                let pairs: Vec<(u8, u64)> = redis::from_redis_value(reply)?;
+                if pairs.len() != indexes.len() {
+                    return Err(RedisError::from((
+                        ErrorKind::UnexpectedReturnType,
+                        "append script reply count",
+                    )));
+                }
+                for (&index, (new, seq)) in indexes.iter().zip(pairs) {
+                    appended[index] = if new == 1 {
                         Appended::New { seq }
                     } else {
                         Appended::Duplicate { seq }
-                    })
-                })
-                .collect()
+                    };
+                }
+            }
+            Ok(appended)
         })
     }
 
@@ -1990,7 +2036,7 @@ mod tests {
         let records: Vec<_> = (0..4)
             .map(|i| message(i, Some(&i.to_string()), b"n"))
             .collect();
-        store
+        let got = store
             .append_batch(&[
                 item(y.id, &records[0]),
                 item(x.id, &records[1]),
@@ -1999,6 +2045,16 @@ mod tests {
                 item(y.id, &records[3]),
             ])
             .unwrap();
+        // Interleaved channels: each answer in its message's place, each
+        // channel's seqs in the order its messages came.
+        let seqs: Vec<_> = got
+            .iter()
+            .map(|a| match a {
+                Appended::New { seq } => *seq,
+                Appended::Duplicate { .. } => 0,
+            })
+            .collect();
+        assert_eq!(seqs, [1, 1, 2, 2, 3]);
         let notify = store.notify_channel();
         assert_eq!(next(), (notify.clone(), format!("{} 2", x.id)));
         assert_eq!(next(), (notify.clone(), format!("{} 3", y.id)));
