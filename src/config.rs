@@ -139,6 +139,10 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Admin listener.
     pub admin_listen: SocketAddr,
+    /// The host (IP address or DNS name) other nodes of a cluster use to
+    /// reach this node's listeners, with their bound ports; `None`: the
+    /// bound addresses themselves.
+    pub advertise_host: Option<String>,
     /// Where sled keeps its files.
     pub data_dir: PathBuf,
     pub fsync: FsyncPolicy,
@@ -180,6 +184,7 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7071)),
+            advertise_host: None,
             data_dir: PathBuf::from("courier-data"),
             fsync: FsyncPolicy::Batch,
             fsync_interval: Duration::from_millis(100),
@@ -617,6 +622,7 @@ struct FileRetry {
 struct FileServer {
     listen: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
+    advertise_host: Option<String>,
     data_dir: Option<PathBuf>,
     fsync: Option<FsyncPolicy>,
     fsync_interval: Option<HumanDuration>,
@@ -657,6 +663,21 @@ struct FileNamespace {
 }
 
 /// Replaces `$field` of `$target` with the file's value when it set one.
+/// An IP address, or a DNS name: dot-separated labels of letters, digits
+/// and `-`.
+fn valid_host(host: &str) -> bool {
+    host.parse::<std::net::IpAddr>().is_ok()
+        || (host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && !label.starts_with('-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            }))
+}
+
 macro_rules! merge {
     ($target:expr, $source:expr, { $($field:ident),* }, { $($dur:ident),* }) => {{
         $(if let Some(v) = $source.$field { $target.$field = v.into(); })*
@@ -743,6 +764,7 @@ impl Config {
     fn from_file(file: FileConfig) -> Self {
         let mut server = ServerConfig::default();
         let s = file.server;
+        server.advertise_host = s.advertise_host;
         merge!(server, s, { listen, admin_listen, data_dir, fsync, max_frame, max_connections,
             outbound_buffer, max_pending_publishes, cache_msgs, cache_bytes, store_cache, dedup_max },
             { fsync_interval, heartbeat, connect_timeout, dedup_window, retention_interval,
@@ -837,6 +859,13 @@ impl Config {
             {
                 return Err("storage.prefix must be 1 to 64 characters without spaces".to_owned());
             }
+        }
+        if let Some(host) = &self.server.advertise_host
+            && !valid_host(host)
+        {
+            return Err(format!(
+                "server.advertise_host {host:?} is not an IP address or a DNS name (no port: the bound ports are advertised)"
+            ));
         }
         if self.retry.poll_interval.is_zero() {
             return Err("retry.poll_interval must be greater than zero".to_owned());
@@ -1018,6 +1047,21 @@ durable = false
         let jobs = config.policy("jobs");
         assert_eq!(jobs.max_deliver, 3);
         assert_eq!(jobs.ack_wait, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn advertise_host_is_a_host_without_a_port() {
+        for good in ["10.0.0.5", "::1", "node-1.example.com", "localhost"] {
+            let config = parse(&format!("[server]\nadvertise_host = \"{good}\"\n")).unwrap();
+            assert_eq!(config.server.advertise_host.as_deref(), Some(good));
+        }
+        for bad in ["10.0.0.5:7071", "node 1", "", "-node.example.com", "a..b"] {
+            let err = parse(&format!("[server]\nadvertise_host = \"{bad}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("server.advertise_host"), "{bad:?}: {err}");
+        }
+        assert_eq!(parse("").unwrap().server.advertise_host, None);
     }
 
     #[test]

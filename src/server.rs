@@ -86,7 +86,18 @@ impl Server {
             }
         };
         let admin_addr = admin_listener.local_addr()?;
-        broker.node().set_addresses(addr, admin_addr);
+        broker
+            .node()
+            .set_addresses(addr, admin_addr, config.server.advertise_host.as_deref());
+        if broker.store().shared().is_some()
+            && config.server.advertise_host.is_none()
+            && admin_addr.ip().is_unspecified()
+        {
+            tracing::warn!(
+                admin = %admin_addr,
+                "the admin listener is on every interface: other nodes would call it at {admin_addr}, which reaches only this host; set [server] advertise_host to the address they should use"
+            );
+        }
         let (admin_token, source) =
             resolve_token(config.admin.token.as_deref(), &config.server.data_dir)
                 .map_err(|e| ServerError::AdminToken(config.server.data_dir.clone(), e))?;

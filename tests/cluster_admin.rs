@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::cluster::{ADMIN_TOKEN, node_config, start_nodes};
-use common::{Admin, Client, RedisServer, WAIT, sub};
+use common::{Admin, ChildBroker, Client, RedisServer, WAIT, sub};
 use courier::protocol::{Codec, Connect, StartFrom, Subscribe};
 use serde_json::{Value, json};
 
@@ -370,4 +370,75 @@ async fn a_killed_node_leaves_the_list_without_breaking_it() {
     );
     assert_eq!(connected[0]["name"], "c/s", "{detail}");
     drop((doomed, survivor));
+}
+
+/// `[server] advertise_host` is the host the other nodes call: a node that
+/// advertises a name its admin listener answers on is reached under that
+/// name; one that advertises an address it does not listen on is reported
+/// unreachable (so the advertised host, not the bound one, is what is used).
+#[tokio::test]
+async fn nodes_call_each_other_at_the_advertised_host() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for (i, host) in ["localhost", "127.0.0.3"].into_iter().enumerate() {
+        let node_dir = dir.path().join(format!("node{i}"));
+        std::fs::create_dir_all(&node_dir).unwrap();
+        let extra = format!("[server]\nadvertise_host = \"{host}\"\n");
+        nodes.push(ChildBroker::start(&node_dir, &node_config(&redis, &extra)));
+    }
+    for node in &nodes {
+        node.wait_ready().await;
+    }
+    let admins: Vec<Admin> = nodes.iter().map(|n| n.admin(ADMIN_TOKEN)).collect();
+    let ids = wait_for_membership(&admins).await;
+
+    let info = admins[0].get("/admin/info").await;
+    for (i, host) in ["localhost", "127.0.0.3"].into_iter().enumerate() {
+        let listed = info["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == ids[i])
+            .unwrap_or_else(|| panic!("node {i} in {info}"));
+        let port = |url: &str| url.rsplit(':').next().unwrap().to_owned();
+        assert_eq!(
+            listed["listen"],
+            format!("{host}:{}", nodes[i].addr.port()),
+            "{info}"
+        );
+        assert_eq!(
+            listed["admin"],
+            format!("{host}:{}", port(&admins[i].base)),
+            "{info}"
+        );
+    }
+
+    let (mut on_first, first_hello) =
+        Client::connect_with(&nodes[0].url(), Codec::Json, Connect::default()).await;
+    let (mut on_second, second_hello) =
+        Client::connect_with(&nodes[1].url(), Codec::Json, Connect::default()).await;
+    on_first.sync().await;
+    on_second.sync().await;
+    let ids_of = |page: &Value| -> BTreeSet<String> {
+        names(page, "connections", "id").into_iter().collect()
+    };
+
+    // The second node reaches the first at localhost:<its admin port>.
+    let from_second = admins[1].get("/admin/connections").await;
+    assert_eq!(from_second["unreachable"], json!([]), "{from_second}");
+    assert_eq!(
+        ids_of(&from_second),
+        [first_hello.conn_id.clone(), second_hello.conn_id.clone()].into(),
+        "{from_second}"
+    );
+    // Nothing answers at 127.0.0.3: the first node reports the second
+    // unreachable and lists what it can.
+    let from_first = admins[0].get("/admin/connections").await;
+    assert_eq!(from_first["unreachable"], json!([ids[1]]), "{from_first}");
+    assert_eq!(
+        ids_of(&from_first),
+        [first_hello.conn_id.clone()].into(),
+        "{from_first}"
+    );
 }

@@ -64,12 +64,26 @@ impl Node {
         &self.id
     }
 
-    /// Records where this node listens (once; later calls are ignored).
-    pub fn set_addresses(&self, listen: std::net::SocketAddr, admin: std::net::SocketAddr) {
+    /// Records where this node listens (once; later calls are ignored):
+    /// the bound addresses, or their ports on `advertise_host`
+    /// (`[server] advertise_host`), which is how other nodes reach it.
+    pub fn set_addresses(
+        &self,
+        listen: std::net::SocketAddr,
+        admin: std::net::SocketAddr,
+        advertise_host: Option<&str>,
+    ) {
+        let advertised = |bound: std::net::SocketAddr| match advertise_host {
+            None => bound.to_string(),
+            Some(host) if host.parse::<std::net::Ipv6Addr>().is_ok() => {
+                format!("[{host}]:{}", bound.port())
+            }
+            Some(host) => format!("{host}:{}", bound.port()),
+        };
         let _ = self.addresses.set(NodeInfo {
             id: self.id.clone(),
-            listen: listen.to_string(),
-            admin: admin.to_string(),
+            listen: advertised(listen),
+            admin: advertised(admin),
             started_ms: super::now_ms(),
         });
     }
