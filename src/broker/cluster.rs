@@ -43,9 +43,9 @@ pub struct Node {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeInfo {
     pub id: String,
-    /// Its public listener (WebSocket, SSE, HTTP).
+    /// Its public listener (WebSocket, SSE, HTTP), as advertised.
     pub listen: String,
-    /// Its admin listener.
+    /// Its admin listener, as advertised: where the other nodes call it.
     pub admin: String,
     /// When it started, ms since the Unix epoch.
     pub started_ms: u64,
