@@ -67,6 +67,16 @@ async fn wait_for_membership(admins: &[Admin]) -> Vec<String> {
     ids
 }
 
+/// The entry of `/admin/info`'s `nodes` with this id.
+fn listed_node<'a>(info: &'a Value, id: &str) -> &'a Value {
+    info["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == id)
+        .unwrap_or_else(|| panic!("node {id} in {info}"))
+}
+
 fn names(page: &Value, list: &str, field: &str) -> Vec<String> {
     page[list]
         .as_array()
@@ -95,12 +105,7 @@ async fn any_node_shows_the_whole_cluster_and_kicks_anywhere() {
     // Each node lists every node with the addresses it serves on.
     let info = admins[2].get("/admin/info").await;
     for (i, node) in nodes.iter().enumerate() {
-        let listed = info["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["id"] == ids[i])
-            .unwrap_or_else(|| panic!("node {i} in {info}"));
+        let listed = listed_node(&info, &ids[i]);
         assert_eq!(listed["listen"], node.addr.to_string(), "{info}");
         assert_eq!(
             format!("http://{}", listed["admin"].as_str().unwrap()),
@@ -395,12 +400,7 @@ async fn nodes_call_each_other_at_the_advertised_host() {
 
     let info = admins[0].get("/admin/info").await;
     for (i, host) in ["localhost", "127.0.0.3"].into_iter().enumerate() {
-        let listed = info["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["id"] == ids[i])
-            .unwrap_or_else(|| panic!("node {i} in {info}"));
+        let listed = listed_node(&info, &ids[i]);
         let port = |url: &str| url.rsplit(':').next().unwrap().to_owned();
         assert_eq!(
             listed["listen"],
