@@ -11,18 +11,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::cluster::{ADMIN_TOKEN, node_config, start_nodes};
+use common::cluster::{ADMIN_TOKEN, from_first, node_config, start_nodes};
 use common::sdk::{consume, fast_reconnect, pubacked, publish_concurrently, read_stored, seen_all};
 use common::{ChildBroker, Client, RedisServer, WAIT, http, sub};
-use courier::protocol::{Codec, ErrorCode, StartFrom, Subscribe};
-
-fn from_first(channel: &str, consumer: &str) -> Subscribe {
-    Subscribe {
-        consumer: Some(consumer.into()),
-        from: Some(StartFrom::First),
-        ..sub(channel)
-    }
-}
+use courier::protocol::{Codec, ErrorCode, Subscribe};
 
 #[tokio::test]
 async fn a_publish_on_one_node_reaches_subscribers_on_the_others_in_order() {

@@ -9,9 +9,9 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::cluster::{ADMIN_TOKEN, node_config, start_nodes};
-use common::{Admin, ChildBroker, Client, RedisServer, WAIT, sub};
-use courier::protocol::{Codec, Connect, StartFrom, Subscribe};
+use common::cluster::{ADMIN_TOKEN, from_first, node_config, start_nodes};
+use common::{Admin, ChildBroker, Client, RedisServer, WAIT};
+use courier::protocol::{Codec, Connect};
 use serde_json::{Value, json};
 
 /// Polls `check` (every 100 ms) until it returns `Some`, for at most
@@ -67,6 +67,13 @@ async fn wait_for_membership(admins: &[Admin]) -> Vec<String> {
     ids
 }
 
+/// `POST /admin/connections/{id}/kick` through `admin`: status and body.
+async fn kick(admin: &Admin, id: &str) -> (u16, Value) {
+    admin
+        .call("POST", &format!("/admin/connections/{id}/kick"), None)
+        .await
+}
+
 /// The entry of `/admin/info`'s `nodes` with this id.
 fn listed_node<'a>(info: &'a Value, id: &str) -> &'a Value {
     info["nodes"]
@@ -84,14 +91,6 @@ fn names(page: &Value, list: &str, field: &str) -> Vec<String> {
         .iter()
         .map(|item| item[field].as_str().unwrap().to_owned())
         .collect()
-}
-
-fn from_first(channel: &str, consumer: &str) -> Subscribe {
-    Subscribe {
-        consumer: Some(consumer.into()),
-        from: Some(StartFrom::First),
-        ..sub(channel)
-    }
 }
 
 #[tokio::test]
@@ -258,13 +257,7 @@ async fn any_node_shows_the_whole_cluster_and_kicks_anywhere() {
         .await;
     assert_eq!(kicked["kicked"], worker_hello.conn_id.as_str());
     assert_eq!(worker.expect_close().await, 4009);
-    let (status, again) = admins[0]
-        .call(
-            "POST",
-            &format!("/admin/connections/{}/kick", worker_hello.conn_id),
-            None,
-        )
-        .await;
+    let (status, again) = kick(&admins[0], &worker_hello.conn_id).await;
     assert_eq!(status, 404, "{again}");
     drop((publisher, extra));
 }
@@ -324,14 +317,8 @@ async fn a_killed_node_leaves_the_list_without_breaking_it() {
         [ids[1].clone()],
         "{right_after}"
     );
-    let (status, kick) = admins[0]
-        .call(
-            "POST",
-            &format!("/admin/connections/{}/kick", doomed_hello.conn_id),
-            None,
-        )
-        .await;
-    assert!(status == 404 || status == 503, "{status} {kick}");
+    let (status, answer) = kick(&admins[0], &doomed_hello.conn_id).await;
+    assert!(status == 404 || status == 503, "{status} {answer}");
 
     let left: BTreeSet<String> = [ids[0].clone(), ids[1].clone()].into();
     for admin in &admins[..2] {
@@ -352,14 +339,8 @@ async fn a_killed_node_leaves_the_list_without_breaking_it() {
         [ids[1].clone()],
         "{after}"
     );
-    let (status, kick) = admins[0]
-        .call(
-            "POST",
-            &format!("/admin/connections/{}/kick", doomed_hello.conn_id),
-            None,
-        )
-        .await;
-    assert_eq!(status, 404, "{kick}");
+    let (status, answer) = kick(&admins[0], &doomed_hello.conn_id).await;
+    assert_eq!(status, 404, "{answer}");
     let detail = admins[0].get("/admin/channels/room:k").await;
     assert_eq!(detail["unreachable"], json!([]), "{detail}");
     let connected: Vec<&Value> = detail["consumers"]
@@ -434,11 +415,11 @@ async fn nodes_call_each_other_at_the_advertised_host() {
     );
     // Nothing answers at 127.0.0.3: the first node reports the second
     // unreachable and lists what it can.
-    let from_first = admins[0].get("/admin/connections").await;
-    assert_eq!(from_first["unreachable"], json!([ids[1]]), "{from_first}");
+    let from_node_0 = admins[0].get("/admin/connections").await;
+    assert_eq!(from_node_0["unreachable"], json!([ids[1]]), "{from_node_0}");
     assert_eq!(
-        ids_of(&from_first),
+        ids_of(&from_node_0),
         [first_hello.conn_id.clone()].into(),
-        "{from_first}"
+        "{from_node_0}"
     );
 }

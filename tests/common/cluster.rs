@@ -2,7 +2,9 @@
 
 use std::path::Path;
 
-use super::{ChildBroker, RedisServer};
+use courier::protocol::{StartFrom, Subscribe};
+
+use super::{ChildBroker, RedisServer, sub};
 
 /// The admin token every test node shares.
 pub const ADMIN_TOKEN: &str = "cluster-test-admin-token";
@@ -31,4 +33,13 @@ pub async fn start_nodes(dir: &Path, config: &str, count: usize) -> Vec<ChildBro
         node.wait_ready().await;
     }
     nodes
+}
+
+/// A durable `consumer` of `channel` from its first stored message.
+pub fn from_first(channel: &str, consumer: &str) -> Subscribe {
+    Subscribe {
+        consumer: Some(consumer.into()),
+        from: Some(StartFrom::First),
+        ..sub(channel)
+    }
 }
